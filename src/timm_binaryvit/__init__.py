@@ -3,4 +3,10 @@
 Importing this package registers every model with timm's registry, so
 ``timm.create_model('binaryvit')`` works afterwards.
 """
+from .binary_deit import BinaryDeiT
+from .binaryvit import BinaryViT
+from .convert import checkpoint_filter_fn, convert_authors_state_dict
+
 __version__ = "0.1.0"
+
+__all__ = ['BinaryViT', 'BinaryDeiT', 'checkpoint_filter_fn', 'convert_authors_state_dict']
