@@ -1,0 +1,68 @@
+"""Shared fixtures.
+
+``reference_dir`` is ``../shared/reference/official`` beside the repository. Tests that need
+it skip with the reason when it is absent, except under ``CI=true``, where its absence fails.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm_binaryvit  # noqa: F401  registers the models
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = REPO_ROOT.parent / 'shared' / 'reference' / 'official'
+
+# The authors' model variants (manifest 'official_variant') -> our registered names.
+AUTHORS_VARIANTS = {
+    'reactdeit': 'binary_deit_small_patch16_224',
+    'reactdeit_avgpool': 'binary_deit_small_gap_patch16_224',
+    'reactdeit_avgpool_mb': 'binary_deit_small_gap_mb_patch16_224',
+    'reactdeit_avgpool_mb_ls': 'binary_deit_small_gap_mb_affine_patch16_224',
+    'binaryvit': 'binaryvit_small_patch4_224',
+    'binaryvit_somefp': 'binaryvit_small_fpembed_patch4_224',
+}
+
+
+def require_reference() -> Path:
+    """The reference folder, or skip (fail under CI=true) with the reason."""
+    if not (REFERENCE_DIR / 'manifest.json').is_file():
+        reason = f'reference data not found at {REFERENCE_DIR} (the ../shared/reference beside the repository)'
+        if os.environ.get('CI', '').lower() == 'true':
+            pytest.fail(reason + '; CI=true requires it')
+        pytest.skip(reason)
+    return REFERENCE_DIR
+
+
+def reference_model_kwargs(info: dict) -> dict:
+    """timm keyword arguments for a manifest entry (its class count and size overrides)."""
+    kwargs = dict(num_classes=info['num_classes'])
+    overrides = info['config_overrides']
+    if 'num_hidden_layers' in overrides:
+        kwargs['depth'] = overrides['num_hidden_layers']
+    if 'hidden_size' in overrides:
+        widths = overrides['hidden_size']
+        kwargs.update(
+            embed_dims=tuple(widths),
+            depths=tuple(overrides['depths']),
+            num_heads=tuple(overrides['num_attention_heads']),
+            mlp_ratios=tuple(i // w for i, w in zip(overrides['intermediate_size'], widths)),
+        )
+    return kwargs
+
+
+@pytest.fixture(scope='session')
+def reference_dir() -> Path:
+    return require_reference()
+
+
+@pytest.fixture(scope='session')
+def reference_manifest(reference_dir) -> dict:
+    return json.loads((reference_dir / 'manifest.json').read_text())
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
