@@ -5,8 +5,13 @@ Importing this package registers every model with timm's registry, so
 """
 from .binary_deit import BinaryDeiT
 from .binaryvit import BinaryViT
+from .capability import CapabilityReport, CapabilityTerm, representational_capability
 from .convert import checkpoint_filter_fn, convert_authors_state_dict
+from .profile import profile
 
 __version__ = "0.1.0"
 
-__all__ = ['BinaryViT', 'BinaryDeiT', 'checkpoint_filter_fn', 'convert_authors_state_dict']
+__all__ = [
+    'BinaryViT', 'BinaryDeiT', 'checkpoint_filter_fn', 'convert_authors_state_dict',
+    'profile', 'representational_capability', 'CapabilityReport', 'CapabilityTerm',
+]

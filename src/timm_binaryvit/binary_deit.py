@@ -88,7 +88,7 @@ class BinaryDeiT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
         num_tokens = self.grid_size[0] * self.grid_size[1] + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim, **dd))
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
             Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, sr_ratio=1, affine=affine,
                   multi_branch_pool=multi_branch_pool, drop_path=dpr[i], **dd)
@@ -139,6 +139,7 @@ class BinaryDeiT(nn.Module):
         if isinstance(self.head, nn.Linear) and not weight.is_meta:
             trunc_normal_(self.head.weight, std=.02)
             nn.init.zeros_(self.head.bias)
+        self.head.train(self.training)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -148,10 +149,9 @@ class BinaryDeiT(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return x + self.pos_embed
 
-    def _block(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_block(blk, x, self.grid_size)
-        return blk(x, self.grid_size)
+    @torch.jit.unused
+    def _block_ckpt(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint_block(blk, x, self.grid_size)
 
     def forward_intermediates(
             self,
@@ -175,7 +175,10 @@ class BinaryDeiT(nn.Module):
         for i, blk in enumerate(self.blocks):
             if stop_early and i > max_index:
                 break
-            x = self._block(blk, x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = self._block_ckpt(blk, x)
+            else:
+                x = blk(x, self.grid_size)
             if i in take_indices:
                 y = self.norm(x) if norm else x
                 y = y[:, self.num_prefix_tokens:]
@@ -203,7 +206,10 @@ class BinaryDeiT(nn.Module):
         """Tokens ``(B, N (+1 class token), C)`` after the final token BatchNorm."""
         x = self._embed(x)
         for blk in self.blocks:
-            x = self._block(blk, x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = self._block_ckpt(blk, x)
+            else:
+                x = blk(x, self.grid_size)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -182,7 +182,8 @@ class BinaryViT(nn.Module):
         self.grad_checkpointing = False
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dims[0], norm=True, **dd)
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))
+        _dpr = [drop_path_rate * i / max(sum(depths) - 1, 1) for i in range(sum(depths))]
+        dpr = [_dpr[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
         self.stages = nn.ModuleList()
         self.feature_info = []
         for i in range(num_stages):
@@ -195,7 +196,7 @@ class BinaryViT(nn.Module):
                 mlp_ratios[i],
                 sr_ratios[i],
                 downsample=None if i == 0 else ('fp' if fp_transitions else 'binary'),
-                drop_path=dpr[i].tolist(),
+                drop_path=dpr[i],
                 **dd,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
@@ -224,7 +225,7 @@ class BinaryViT(nn.Module):
             stem=r'^patch_embed',
             blocks=r'^stages\.(\d+)' if coarse else [
                 (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^stages\.(\d+)\.(downsample|pos_embed)', (0,)),
+                (r'^stages\.(\d+)\.(?:downsample|pos_embed)', (0,)),
                 (r'^norm', (99999,)),
             ],
         )
@@ -245,12 +246,13 @@ class BinaryViT(nn.Module):
             if global_pool not in ('avg', ''):
                 raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
             self.global_pool = global_pool
-        weight = self.norm.bn.weight
+        weight = self.head.weight if isinstance(self.head, nn.Linear) else next(self.parameters())
         self.head = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype) \
             if num_classes > 0 else nn.Identity()
         if isinstance(self.head, nn.Linear) and not weight.is_meta:
             trunc_normal_(self.head.weight, std=.02)
             nn.init.zeros_(self.head.bias)
+        self.head.train(self.training)
 
     def _check_input(self, x: torch.Tensor):
         if not torch.jit.is_scripting():
@@ -390,4 +392,4 @@ def binaryvit(pretrained: bool = False, **kwargs) -> BinaryViT:
 def binaryvit_small_fpembed_patch4_224(pretrained: bool = False, **kwargs) -> BinaryViT:
     """BinaryViT with full-precision stage transitions (the paper's "FP patch embedding" variant)."""
     return _create_binaryvit(
-        'binaryvit_small_fpembed_patch4_224', pretrained=pretrained, **dict(_SMALL, fp_transitions=True, **kwargs))
+        'binaryvit_small_fpembed_patch4_224', pretrained=pretrained, **dict(_SMALL, **dict(dict(fp_transitions=True), **kwargs)))

@@ -13,6 +13,7 @@ Each module has a plain-operator path used under TorchScript, which cannot
 compile ``torch.autograd.Function``; it computes the same forward values.
 """
 import contextlib
+import functools
 import math
 import threading
 from typing import Optional, Tuple
@@ -23,11 +24,20 @@ from torch import nn
 
 from timm.layers import register_notrace_module
 
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # pragma: no cover - older torch
+    _get_current_dispatch_mode = None
+
+_HAS_INT_MM = hasattr(torch, '_int_mm')
+
 __all__ = [
     'approx_sign', 'shifted_sign', 'binarize_linear_weight', 'binarize_conv_weight',
     'binary_linear', 'binary_conv2d', 'elastic_binarize', 'rprelu',
     'BinaryActivation', 'BinaryLinear', 'BinaryConv2d', 'ElasticBinarizer', 'RPReLU',
     'TokenBatchNorm', 'Affine', 'frozen_batchnorm_stats',
+    'norm_add_rprelu', 'batchnorm_forward', 'batchnorm_stats', 'batchnorm_backward', 'batchnorm_uses_batch_stats',
+    'use_int8_matmul', 'fusable', 'USE_INT8_MATMUL',
 ]
 
 
@@ -36,9 +46,52 @@ def _approx_sign_derivative(x: torch.Tensor) -> torch.Tensor:
     return (2 - 2 * x.abs()).clamp_(min=0)
 
 
+def _approx_sign_grad_(grad: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+    # grad * (2 - 2|u|) inside [-1, 1], 0 outside (ApproxSign), in three element-wise passes.
+    # ``shifted`` is a scratch tensor that is overwritten; ``grad`` is left unchanged.
+    h = shifted.clamp_(-1, 1).abs_()
+    out = torch.mul(grad, 2)
+    return out.addcmul_(out, h, value=-1)
+
+
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     # Reduce a broadcast gradient to the shape of a per-channel parameter.
     return grad.reshape(-1, grad.shape[-1]).sum(0).reshape(shape) if len(shape) == 1 else grad.sum_to_size(shape)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    # (..., C) -> (M, C); a view for contiguous input.
+    return x.reshape(-1, x.shape[-1])
+
+
+#: Binary products (sign times sign, with one scale per output) run as exact int8 x int8 -> int32
+#: matrix products on the CPU (``torch._int_mm``), several times faster than float GEMM. Set to
+#: False to use float matrix products everywhere (the results agree to float rounding; the int8
+#: products are exact before the one final scaling).
+USE_INT8_MATMUL = True
+
+
+def _dispatch_mode_active() -> bool:
+    # Op-level accounting (timm_binaryvit.profile, FlopCounterMode) sees the plain float operators.
+    return _get_current_dispatch_mode is not None and _get_current_dispatch_mode() is not None
+
+
+def use_int8_matmul(x: torch.Tensor) -> bool:
+    """Whether binary products with ``x`` run as int8 matrix products: CPU, float32 / float64, and
+    no TorchDispatchMode active."""
+    return (USE_INT8_MATMUL and _HAS_INT_MM and x.device.type == 'cpu'
+            and x.dtype in (torch.float32, torch.float64) and not _dispatch_mode_active())
+
+
+def _binary_matmul(signs: torch.Tensor, sign_weight: torch.Tensor, scale: torch.Tensor, int8: bool,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``signs @ (scale[:, None] * sign_weight)^T`` for ``signs`` (M, K) and ``sign_weight`` (N, K) in
+    {-1, 0, 1}. With ``int8``, ``signs`` and ``sign_weight`` are int8 and the product is exact."""
+    if int8:
+        product = torch._int_mm(signs, sign_weight.t())
+        return torch.mul(product, scale, out=out) if out is not None else torch.mul(product, scale)
+    weight = sign_weight * scale.unsqueeze(1)
+    return torch.mm(signs, weight.t(), out=out) if out is not None else torch.mm(signs, weight.t())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -54,8 +107,8 @@ class _ShiftedSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, shift = ctx.saved_tensors
-        grad_x = grad * _approx_sign_derivative(x + shift)
-        return grad_x, _sum_to(grad_x, shift.shape)
+        grad_x = _approx_sign_grad_(grad, x + shift)
+        return grad_x, _sum_to(grad_x, shift.shape) if ctx.needs_input_grad[1] else None
 
 
 def approx_sign(x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +141,11 @@ def binarize_linear_weight(weight: torch.Tensor) -> torch.Tensor:
     return scale * torch.sign(weight - weight.mean(dim=1, keepdim=True))
 
 
+def _linear_weight_signs(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    # (sign(W - mean_in W), a = mean_in |W|): the factors of binarize_linear_weight.
+    return torch.sign(weight - weight.mean(dim=1, keepdim=True)), weight.abs().mean(dim=1)
+
+
 def binarize_conv_weight(weight: torch.Tensor) -> torch.Tensor:
     """Effective weight of a binary convolution: ``a * sign(W)``, ``a = mean over (in, kh, kw) of |W|``."""
     scale = weight.abs().mean(dim=(1, 2, 3), keepdim=True)
@@ -97,7 +155,7 @@ def binarize_conv_weight(weight: torch.Tensor) -> torch.Tensor:
 def _linear_weight_grad(weight: torch.Tensor, grad_binary: torch.Tensor) -> torch.Tensor:
     # Straight-through through clamp(W - mean_in(W), -1, 1), then through the centring.
     centred = weight - weight.mean(dim=1, keepdim=True)
-    grad_centred = grad_binary * (centred.abs() <= 1)
+    grad_centred = _closed_interval_grad(grad_binary, centred, -1., 1.)
     return grad_centred - grad_centred.mean(dim=1, keepdim=True)
 
 
@@ -105,21 +163,32 @@ class _BinaryLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, weight):
         ctx.save_for_backward(x, shift, weight)
-        return F.linear(torch.sign(x + shift), binarize_linear_weight(weight))
+        int8 = use_int8_matmul(x)
+        signs = (_rows(x) + shift).sign_()
+        sign_weight, scale = _linear_weight_signs(weight)
+        out = None
+        if int8:
+            # The float signs are not needed any more: their memory takes the output if it fits.
+            out = signs if weight.shape[0] == weight.shape[1] else None
+            signs, sign_weight = signs.to(torch.int8), sign_weight.to(torch.int8)
+        y = _binary_matmul(signs, sign_weight, scale, int8, out=out)
+        return y.view(x.shape[:-1] + (weight.shape[0],))
 
     @staticmethod
     def backward(ctx, grad):
         x, shift, weight = ctx.saved_tensors
-        shifted = x + shift
-        grad_x = grad_weight = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_x = grad @ binarize_linear_weight(weight)
-            grad_x.mul_(_approx_sign_derivative(shifted))
+        grad = _rows(grad)
+        shifted = _rows(x) + shift
+        grad_x = grad_shift = grad_weight = None
         if ctx.needs_input_grad[2]:
-            signs = torch.sign(shifted)
-            grad_binary = grad.reshape(-1, grad.shape[-1]).t() @ signs.reshape(-1, signs.shape[-1])
-            grad_weight = _linear_weight_grad(weight, grad_binary)
-        grad_shift = _sum_to(grad_x, shift.shape) if ctx.needs_input_grad[1] else None
+            grad_weight = _linear_weight_grad(weight, grad.t() @ torch.sign(shifted))
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            sign_weight, scale = _linear_weight_signs(weight)
+            # grad @ (2 * binary weight), times (1 - |clamp(x + shift)|): the ApproxSign gradient.
+            grad_x = grad @ (sign_weight * (2 * scale).unsqueeze(1))
+            grad_x.addcmul_(grad_x, shifted.clamp_(-1, 1).abs_(), value=-1)
+            grad_shift = grad_x.sum(0) if ctx.needs_input_grad[1] else None
+            grad_x = grad_x.view(x.shape)
         return grad_x, grad_shift, grad_weight
 
 
@@ -129,7 +198,9 @@ def binary_linear(x: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor) ->
     Backward: ApproxSign (Bi-Real Net) for the activation and the shift; for the weight,
     straight-through through ``clamp(W - mean_in(W), -1, 1)`` with the centring differentiated
     and the scale ``a`` held constant (ReActNet, Liu et al. 2020; BiT, Liu et al. NeurIPS 2022).
-    Only ``x`` is kept for the backward pass; signs and binary weights are recomputed.
+    ``shift`` is per input channel (last axis). Only ``x`` is kept for the backward pass; signs
+    and binary weights are recomputed. On the CPU the product runs in int8 (exact, see
+    :data:`USE_INT8_MATMUL`).
     """
     return _BinaryLinear.apply(x, shift, weight)
 
@@ -151,10 +222,10 @@ class _BinaryConv2d(torch.autograd.Function):
             [ctx.needs_input_grad[0] or ctx.needs_input_grad[1], ctx.needs_input_grad[2], False])
         grad_x = grad_weight = grad_shift = None
         if grad_signs is not None:
-            grad_x = grad_signs * _approx_sign_derivative(shifted)
+            grad_x = _approx_sign_grad_(grad_signs, shifted)
             grad_shift = grad_x.sum_to_size(shift.shape) if ctx.needs_input_grad[1] else None
         if grad_binary is not None:
-            grad_weight = grad_binary * (weight.abs() <= 1)
+            grad_weight = _closed_interval_grad(grad_binary, weight, -1., 1.)
         return grad_x, grad_shift, grad_weight, None, None
 
 
@@ -174,19 +245,51 @@ class _ElasticBinarize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, scale):
         ctx.save_for_backward(p, scale)
-        return scale * torch.clamp(torch.round(p / scale), 0, 1)
+        return torch.round(p / scale).clamp_(0, 1).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         p, scale = ctx.saved_tensors
-        q = p / scale
-        inside = (q >= 0) & (q <= 1)
-        grad_p = grad * inside
-        grad_scale = None
-        if ctx.needs_input_grad[1]:
-            grad_scale = (grad * torch.where(inside, torch.round(q) - q, (q > 1).to(q.dtype))).sum()
-            grad_scale = grad_scale.reshape(scale.shape)
-        return grad_p, grad_scale
+        return _elastic_backward(grad, p, scale, ctx.needs_input_grad[1])
+
+
+def _closed_interval_grad(grad: torch.Tensor, x: torch.Tensor, low: float, high: float,
+                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    # grad where low <= x <= high, else 0, in one fast pass (a bool mask times a float tensor is slow
+    # on the CPU): hardtanh_backward passes grad strictly inside, so widen the bounds by one ulp.
+    if out is not None:
+        return torch.ops.aten.hardtanh_backward.grad_input(
+            grad, x, _below(low, x.dtype), _above(high, x.dtype), grad_input=out)
+    return torch.ops.aten.hardtanh_backward(grad, x, _below(low, x.dtype), _above(high, x.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _below(v: float, dtype: torch.dtype) -> float:
+    # The largest value of ``dtype`` below v (v itself is exactly representable).
+    return float(torch.nextafter(torch.tensor(v, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
+
+
+@functools.lru_cache(maxsize=None)
+def _above(v: float, dtype: torch.dtype) -> float:
+    return float(torch.nextafter(torch.tensor(v, dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
+
+
+def _elastic_backward(grad: torch.Tensor, p: torch.Tensor, scale: torch.Tensor, need_scale: bool,
+                      binary: Optional[torch.Tensor] = None):
+    # q = p / s. grad_p = g where 0 <= q <= 1. grad_s = sum(g * (round(q) - q)) inside plus sum(g)
+    # where q > 1, written as sum(g * c) - sum(g_p * q) with c = clamp(round(q), 0, 1) (c is
+    # round(q) inside, 1 above, 0 below). ``binary`` may pass c, computed already.
+    q = p / scale
+    grad_p = _closed_interval_grad(grad, q, 0., 1.)
+    grad_scale = None
+    if need_scale:
+        c = torch.round(q).clamp_(0, 1) if binary is None else binary
+        grad_scale = (_dot(grad, c) - _dot(grad_p, q)).reshape(scale.shape)
+    return grad_p, grad_scale
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
 
 
 def elastic_binarize(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -199,23 +302,31 @@ def elastic_binarize(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _ElasticBinarize.apply(p, scale)
 
 
+def _prelu_backward(grad: torch.Tensor, z: torch.Tensor, slope: torch.Tensor, need_slope: bool):
+    # PReLU(z) = z (z > 0), slope * z (z <= 0), on (M, C) rows: (grad_z, grad_slope). Uses neither
+    # torch.where nor aten's prelu backward, both slow on the CPU with a broadcast slope.
+    grad_pos = torch.ops.aten.hardtanh_backward(grad, z, 0., math.inf)  # grad where z > 0
+    grad_neg = grad - grad_pos
+    grad_z = torch.addcmul(grad_pos, grad_neg, slope)
+    grad_slope = grad_neg.mul_(z).sum(0) if need_slope else None
+    return grad_z, grad_slope
+
+
 class _RPReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift_in, slope, shift_out):
         ctx.save_for_backward(x, shift_in, slope)
-        z = x - shift_in
-        return torch.where(z > 0, z, z * slope) + shift_out
+        y = F.prelu(_rows(x) - shift_in, slope)
+        return y.add_(shift_out).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad):
         x, shift_in, slope = ctx.saved_tensors
-        z = x - shift_in
-        positive = z > 0
-        grad_x = torch.where(positive, grad, grad * slope)
-        grad_slope = _sum_to(torch.where(positive, 0, grad * z), slope.shape) if ctx.needs_input_grad[2] else None
-        grad_shift_in = -_sum_to(grad_x, shift_in.shape) if ctx.needs_input_grad[1] else None
-        grad_shift_out = _sum_to(grad, shift_in.shape) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_shift_in, grad_slope, grad_shift_out
+        grad = _rows(grad)
+        grad_x, grad_slope = _prelu_backward(grad, _rows(x) - shift_in, slope, ctx.needs_input_grad[2])
+        grad_shift_in = -grad_x.sum(0) if ctx.needs_input_grad[1] else None
+        grad_shift_out = grad.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x.view(x.shape), grad_shift_in, grad_slope, grad_shift_out
 
 
 def rprelu(x: torch.Tensor, shift_in: torch.Tensor, slope: torch.Tensor, shift_out: torch.Tensor) -> torch.Tensor:
@@ -224,6 +335,209 @@ def rprelu(x: torch.Tensor, shift_in: torch.Tensor, slope: torch.Tensor, shift_o
     Backward: the exact gradient of that expression (PReLU's gradient at 0 is the slope).
     """
     return _RPReLU.apply(x, shift_in, slope, shift_out)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm + shortcut + RPReLU in one step
+
+
+_stats_frozen = threading.local()
+
+
+def _stats_are_frozen() -> bool:
+    return getattr(_stats_frozen, 'value', False)
+
+
+def batchnorm_uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` normalises with batch statistics in its current mode (as ``nn.BatchNorm1d`` decides)."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
+def _running_stats_target(bn: nn.modules.batchnorm._BatchNorm):
+    """For a batch-statistics step: ``(running_mean, running_var, factor)`` to update, exactly as
+    ``nn.BatchNorm1d.forward`` would (incrementing ``num_batches_tracked``), or ``(None, None, 0.)``
+    when nothing is to be updated (no running statistics, or :func:`frozen_batchnorm_stats`)."""
+    if not (bn.training and bn.track_running_stats) or _stats_are_frozen() or bn.running_mean is None:
+        return None, None, 0.
+    factor = 0. if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1. / float(bn.num_batches_tracked)
+    return bn.running_mean, bn.running_var, factor
+
+
+def _check_batch_size(rows: int, shape) -> None:
+    if rows <= 1:
+        raise ValueError(f'Expected more than 1 value per channel when training, got input size {shape}')
+
+
+def batchnorm_forward(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor, weight: Optional[torch.Tensor],
+                      bias: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``bn`` applied to ``y`` (M, C) in its current mode, with ``weight`` and ``bias`` in place of its own:
+    ``(out, mean, invstd, batch)``. Updates the running statistics as ``bn``'s own forward would (not
+    under :func:`frozen_batchnorm_stats`). ``batch`` says whether ``mean`` / ``invstd`` are batch
+    statistics (whose gradient flows back into ``y``)."""
+    if batchnorm_uses_batch_stats(bn):
+        _check_batch_size(y.shape[0], tuple(y.shape))
+        running_mean, running_var, factor = _running_stats_target(bn)
+        out, mean, invstd = torch.native_batch_norm(y, weight, bias, running_mean, running_var, True, factor, bn.eps)
+        return out, mean, invstd, True
+    out = torch.native_batch_norm(y, weight, bias, bn.running_mean, bn.running_var, False, 0., bn.eps)[0]
+    return out, bn.running_mean, torch.sqrt(bn.running_var + bn.eps).reciprocal_(), False
+
+
+def batchnorm_stats(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(mean, invstd, batch)`` with which ``bn`` normalises ``y`` (M, C) in its current mode, updating its
+    running statistics as its own forward would; see :func:`batchnorm_forward`."""
+    if batchnorm_uses_batch_stats(bn):
+        _, mean, invstd, batch = batchnorm_forward(bn, y, None, None)
+        return mean, invstd, batch
+    return bn.running_mean, torch.sqrt(bn.running_var + bn.eps).reciprocal_(), False
+
+
+def batchnorm_backward(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                       weight: Optional[torch.Tensor], batch: bool, need_weight: bool,
+                       grad_sum: Optional[torch.Tensor] = None):
+    """Gradients of ``BN(y) = (y - mean) * invstd * weight + bias`` on (M, C) rows: ``(grad_y, grad_weight,
+    grad_bias)``; with ``batch``, ``mean`` and ``invstd`` are the statistics of ``y`` and are differentiated."""
+    grad_bias = grad.sum(0) if grad_sum is None else grad_sum
+    scale = invstd if weight is None else invstd * weight
+    centred = y - mean
+    grad_xhat = (grad * centred).sum(0)  # sum(grad * (y - mean)) = sum(grad * xhat) / invstd
+    grad_weight = grad_xhat * invstd if need_weight and weight is not None else None
+    if not batch:
+        return grad * scale, grad_weight, grad_bias
+    rows = y.shape[0]
+    grad_y = torch.addcmul(scale * grad_bias * (-1. / rows), grad, scale)
+    grad_y.addcmul_(centred, scale * invstd * invstd * grad_xhat * (-1. / rows))
+    return grad_y, grad_weight, grad_bias
+
+
+def _shifted_bias(bias: Optional[torch.Tensor], shift_in: torch.Tensor) -> torch.Tensor:
+    return -shift_in if bias is None else bias - shift_in
+
+
+class _NormAddRPReLU(torch.autograd.Function):
+    # out = RPReLU(BN(y) + shortcut); then either a second output sign(out + sign_shift) (ApproxSign),
+    # or alpha * out + beta, and + residual. Saves y and the shortcut only.
+    @staticmethod
+    def forward(ctx, y, shortcut, weight, bias, shift_in, slope, shift_out, sign_shift, alpha, beta, residual, bn):
+        shape = y.shape
+        y2 = _rows(y)
+        v, mean, invstd, batch = batchnorm_forward(bn, y2, weight, _shifted_bias(bias, shift_in))
+        v.add_(_rows(shortcut))
+        out = F.prelu(v, slope).add_(shift_out)
+        del v
+        running = (bn.running_mean, bn.running_var) if not batch else (None, None)
+        ctx.save_for_backward(y, shortcut, weight, bias, shift_in, slope, shift_out, sign_shift, alpha,
+                              mean, invstd, *running)
+        ctx.batch, ctx.eps = batch, bn.eps
+        ctx.has_residual = residual is not None
+        if alpha is not None:
+            out.mul_(alpha).add_(beta)
+        if residual is not None:
+            out.add_(_rows(residual))
+        if sign_shift is not None:
+            return out.view(shape), torch.add(out, sign_shift).sign_().view(shape)
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, grad, grad_signs=None):
+        (y, shortcut, weight, bias, shift_in, slope, shift_out, sign_shift, alpha, mean, invstd,
+         running_mean, running_var) = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        y2, grad_out = _rows(y), _rows(grad)
+        # The same BatchNorm computation as the forward pass (batch statistics recomputed, nothing updated).
+        v = torch.native_batch_norm(y2, weight, _shifted_bias(bias, shift_in), running_mean, running_var,
+                                    ctx.batch, 0., ctx.eps)[0]
+        v.add_(_rows(shortcut))
+        grad = grad_out
+        grad_alpha = grad_beta = grad_sign_shift = None
+        if alpha is not None or sign_shift is not None:
+            out = F.prelu(v, slope).add_(shift_out)
+            if alpha is not None:
+                grad_alpha = (grad * out).sum(0) if need[8] else None
+                grad_beta = grad.sum(0) if need[9] else None
+                grad = grad * alpha
+            if sign_shift is not None and grad_signs is not None:
+                grad_signs = _rows(grad_signs)
+                g = torch.addcmul(grad_signs, grad_signs, out.add_(sign_shift).clamp_(-1, 1).abs_(), value=-1)
+                grad_sign_shift = g.sum(0).mul_(2) if need[7] else None
+                grad = torch.add(grad, g, alpha=2)
+            del out
+        grad_v, grad_slope = _prelu_backward(grad, v, slope, need[5])
+        del v
+        grad_v_sum = grad_v.sum(0)
+        grad_y, grad_weight, grad_bias = batchnorm_backward(
+            grad_v, y2, mean, invstd, weight, ctx.batch, need[2], grad_v_sum)
+        return (grad_y.view(y.shape), grad_v.view(shortcut.shape) if need[1] else None, grad_weight,
+                grad_bias if need[3] else None, -grad_v_sum if need[4] else None, grad_slope,
+                grad.sum(0) if need[6] else None, grad_sign_shift, grad_alpha, grad_beta,
+                grad_out.view(y.shape) if ctx.has_residual and need[10] else None, None)
+
+
+def norm_add_rprelu(
+        y: torch.Tensor,
+        shortcut: torch.Tensor,
+        norm: 'TokenBatchNorm',
+        act: 'RPReLU',
+        sign: Optional['BinaryActivation'] = None,
+        affine: Optional['Affine'] = None,
+        residual: Optional[torch.Tensor] = None,
+):
+    """``RPReLU(BN(y) + shortcut)`` (the tail of every binary unit of BinaryViT) as one autograd step.
+
+    Forward: exactly ``act(norm(y) + shortcut)``, with ``norm``'s running statistics updated as its
+    own forward would. With ``sign`` it returns ``(out, sign(out + sign.shift))`` (the attention's
+    second shift and activation sign, ApproxSign backward); with ``affine`` it returns
+    ``affine(out)`` instead of ``out``; with ``residual``, ``residual`` plus that. Backward: exact
+    (BatchNorm, RPReLU, affine), ApproxSign for the sign. Only ``y`` and ``shortcut`` are kept for the
+    backward pass; the rest is recomputed. ``norm.bn`` must be a plain ``nn.BatchNorm1d`` (callers
+    check :func:`fusable`).
+    """
+    bn = norm.bn
+    return _NormAddRPReLU.apply(
+        y, shortcut, bn.weight, bn.bias, act.shift_in, act.slope, act.shift_out,
+        sign.shift if sign is not None else None,
+        affine.alpha if affine is not None else None, affine.beta if affine is not None else None, residual, bn)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, '_backward_pre_hooks', None))
+
+
+def _global_hooks() -> bool:
+    m = nn.modules.module
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks
+                or getattr(m, '_global_backward_pre_hooks', None))
+
+
+def fusable(x, *modules: nn.Module) -> bool:
+    """Whether a fused autograd path may stand in for the forward calls of ``modules`` (and all their
+    submodules) on input ``x``.
+
+    True for a real float32 / float64 CPU or CUDA tensor outside TorchScript tracing, FX tracing,
+    autocast and any TorchDispatchMode, when no module involved carries hooks and every token BatchNorm still
+    holds a plain ``nn.BatchNorm1d``. Otherwise the modules run one by one (same results), so
+    hooks fire, ``SyncBatchNorm`` synchronises and op-level profilers see every module.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.device.type not in ('cpu', 'cuda'):  # e.g. the meta device: nothing to gain
+        return False
+    if torch.jit.is_tracing() or torch.is_autocast_enabled(x.device.type) or _dispatch_mode_active():
+        return False
+    if _global_hooks():
+        return False
+    for module in modules:
+        for m in module.modules():
+            if _has_hooks(m):
+                return False
+            if isinstance(m, TokenBatchNorm) and type(m.bn) is not nn.BatchNorm1d:
+                return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,9 +703,6 @@ class RPReLU(nn.Module):
         return rprelu(x, self.shift_in, self.slope, self.shift_out)
 
 
-_stats_frozen = threading.local()
-
-
 @contextlib.contextmanager
 def frozen_batchnorm_stats():
     """Within this context, :class:`TokenBatchNorm` in training mode normalises with batch
@@ -422,9 +733,13 @@ class TokenBatchNorm(nn.Module):
         self.bn = nn.BatchNorm1d(dim, eps=eps, momentum=momentum, **_dd(device, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.training and getattr(_stats_frozen, 'value', False):
+        if not torch.jit.is_scripting() and self.training and self._stats_frozen():
             return self._forward_frozen_stats(x)
         return self.bn(x.reshape(-1, x.shape[-1])).view(x.shape)
+
+    @torch.jit.unused
+    def _stats_frozen(self) -> bool:
+        return _stats_are_frozen()
 
     @torch.jit.unused
     def _forward_frozen_stats(self, x: torch.Tensor) -> torch.Tensor:

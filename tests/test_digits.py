@@ -1,0 +1,136 @@
+"""The README's digits example (examples/train_digits.py) on a shortened schedule.
+
+Runs ``main(['--quick', ...])`` in-process: export of scikit-learn's digits to an
+ImageFolder, a full-precision teacher saved with ``save_for_hf`` and reloaded through
+``local-dir:``, a binary student distilled from it with ``LogitDistillationTask`` and the
+same student trained without a teacher, then the printed table.
+"""
+import contextlib
+import importlib.util
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location('train_digits', REPO_ROOT / 'examples' / 'train_digits.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Tee(io.StringIO):
+    """Keeps what is printed and passes it on (visible with ``pytest -s``)."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text):
+        self.stream.write(text)
+        return super().write(text)
+
+
+@pytest.fixture(scope='module')
+def example():
+    return _load_example()
+
+
+@pytest.fixture(scope='module')
+def quick_run(example, tmp_path_factory):
+    out = tmp_path_factory.mktemp('digits')
+    threads = torch.get_num_threads()
+    log = _Tee(sys.stdout)
+    try:
+        with contextlib.redirect_stdout(log):
+            # one thread: robust timing on a busy 2-core machine
+            results = example.main(['--quick', '--output', str(out), '--threads', '1'])
+    finally:
+        torch.set_num_threads(threads)
+    return out, results, log.getvalue()
+
+
+def test_export_digits(example, tmp_path):
+    counts = example.export_digits(tmp_path / 'd', val_fraction=0.2, seed=0)
+    assert counts == {'train': 1437, 'validation': 360}
+    for split, n in counts.items():
+        classes = sorted(p.name for p in (tmp_path / 'd' / split).iterdir())
+        assert classes == [str(i) for i in range(10)]
+        pngs = list((tmp_path / 'd' / split).glob('*/*.png'))
+        assert len(pngs) == n
+    # stratified: every class is in the held-out split with about its share
+    per_class = [len(list((tmp_path / 'd' / 'validation' / str(c)).glob('*.png'))) for c in range(10)]
+    assert min(per_class) >= 34 and max(per_class) <= 38
+    # fixed seed: the same files again
+    again = example.export_digits(tmp_path / 'e', val_fraction=0.2, seed=0)
+    assert again == counts
+    names = lambda root: sorted(str(p.relative_to(root)) for p in root.rglob('*.png'))  # noqa: E731
+    assert names(tmp_path / 'd') == names(tmp_path / 'e')
+
+
+@pytest.mark.slow
+def test_quick_run_distils_binary_student(quick_run):
+    out, results, _ = quick_run
+    res = results['results']
+    assert set(res) == {'teacher', 'student_kd', 'student_ce'}
+    assert res['student_kd']['top1'] >= 50.0, res['student_kd']
+    assert res['student_ce']['top1'] >= 20.0, res['student_ce']  # above chance (10%)
+    assert res['teacher']['top1'] >= 50.0, res['teacher']
+    # reloaded from save_for_hf, the binary student scores what it scored in memory
+    assert res['student_kd']['reloaded_top1'] == pytest.approx(res['student_kd']['top1'])
+    # the binary student is the same network with and without a teacher
+    assert res['student_kd']['params'] == res['student_ce']['params']
+    assert (out / 'results.json').is_file()
+    assert json.loads((out / 'results.json').read_text())['results']['student_kd']['top1'] == res['student_kd']['top1']
+
+
+@pytest.mark.slow
+def test_teacher_saved_with_save_for_hf(quick_run):
+    out, results, log = quick_run
+    teacher_dir = Path(results['paths']['teacher'])
+    assert teacher_dir == out / 'teacher'
+    assert (teacher_dir / 'config.json').is_file()
+    assert (teacher_dir / 'model.safetensors').is_file()
+    config = json.loads((teacher_dir / 'config.json').read_text())
+    assert config['architecture'] == 'resnet10t'
+    assert config['num_classes'] == 10
+    assert config['model_args']['in_chans'] == 1
+    assert config['pretrained_cfg']['mean'] == [0.5]
+    assert 'teacher reloaded from local-dir:' in log
+    student_dir = Path(results['paths']['student_kd'])
+    assert json.loads((student_dir / 'config.json').read_text())['architecture'] == 'binaryvit_small_patch4_224'
+    assert (student_dir / 'model.safetensors').is_file()
+
+
+@pytest.mark.slow
+def test_printed_table_has_three_rows(example, quick_run):
+    _, results, log = quick_run
+    table = results['table']
+    assert table in log
+    rows = [line for line in table.splitlines()[2:] if line.startswith('|')]
+    assert len(rows) == 3
+    for key, row in zip(('teacher', 'student_kd', 'student_ce'), rows):
+        assert example.ROW_NAMES[key] in row
+        assert f'{results["results"][key]["top1"]:.2f}' in row
+        assert f'{results["results"][key]["params"]:,}' in row
+    # per-epoch progress lines were shown for all three runs
+    for tag in ('[teacher] epoch', '[student+KD] epoch', '[student, no KD] epoch'):
+        assert tag in log
+
+
+def test_table_without_ops(example):
+    res = dict(top1=91.0, top5=99.0, params=1234, ops=None, train_time_s=3.0)
+    table = example.format_table({'teacher': res, 'student_kd': dict(res, ops=2.5e6)})
+    lines = table.splitlines()
+    assert len(lines) == 4
+    cells = lambda line: [c.strip() for c in line.strip('|').split('|')]  # noqa: E731
+    assert cells(lines[0])[4] == 'OPs / image'
+    assert cells(lines[2])[4] == '-'
+    assert cells(lines[3])[4] == '2.500M'
+    assert cells(lines[2])[3] == '1,234'
