@@ -497,14 +497,3 @@ def test_export_refuses_deployed_and_foreign_models(tmp_path):
         export_packed(deploy(model), str(tmp_path / 'x.packed'))
     with pytest.raises(TypeError):
         export_packed(torch.nn.Linear(2, 2), str(tmp_path / 'x.packed'))
-
-
-# ---------------------------------------------------------------------------------------------
-# speed
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('name', ['binaryvit_small_patch4_224', 'binary_deit_small_gap_mb_affine_patch16_224'])
-def test_deployed_throughput_at_least_1_5x(name):
-    result = benchmark_deploy(name, batch_size=16, repeats=3, warmup=1)
-    assert result['speedup'] >= 1.5, result

@@ -527,6 +527,9 @@ def fusable(x, *modules: nn.Module) -> bool:
         return False
     if x.device.type not in ('cpu', 'cuda'):  # e.g. the meta device: nothing to gain
         return False
+    if not all(m.training for m in modules):
+        # Eval runs module by module, so eager, FX-traced and scripted models round identically.
+        return False
     if torch.jit.is_tracing() or torch.is_autocast_enabled(x.device.type) or _dispatch_mode_active():
         return False
     if _global_hooks():
