@@ -11,6 +11,7 @@
   most a tenth of its float32 checkpoint.
 * The speed goal (>= 1.5x eval throughput) is measured by the ``slow`` test at the end.
 """
+import importlib
 import json
 
 import pytest
@@ -176,7 +177,7 @@ def test_deployed_variants(name, extra):
 @pytest.mark.parametrize('name', ['binaryvit_small_patch4_224', 'binary_deit_small_gap_mb_affine_patch16_224'])
 def test_float_matmul_path(name, monkeypatch):
     # the path other devices take: float +-1 products instead of int8 ones (and float attention)
-    import timm_binaryvit.deploy as deploy_module
+    deploy_module = importlib.import_module("timm_binaryvit.deploy")
     monkeypatch.setattr(deploy_module, 'INT8_MIN_FAN_IN', 10 ** 9)
     model = _make(name)
     x = _images(model)
