@@ -15,15 +15,7 @@ import timm_binaryvit  # noqa: F401  registers the models
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = REPO_ROOT.parent / 'shared' / 'reference' / 'official'
 
-# The authors' model variants (manifest 'official_variant') -> our registered names.
-AUTHORS_VARIANTS = {
-    'reactdeit': 'binary_deit_small_patch16_224',
-    'reactdeit_avgpool': 'binary_deit_small_gap_patch16_224',
-    'reactdeit_avgpool_mb': 'binary_deit_small_gap_mb_patch16_224',
-    'reactdeit_avgpool_mb_ls': 'binary_deit_small_gap_mb_affine_patch16_224',
-    'binaryvit': 'binaryvit_small_patch4_224',
-    'binaryvit_somefp': 'binaryvit_small_fpembed_patch4_224',
-}
+from timm_binaryvit.hub import AUTHORS_VARIANTS  # noqa: E402,F401  the authors' variant names -> ours
 
 
 def require_reference() -> Path:

@@ -16,6 +16,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 
 from .blocks import Block, PatchEmbed, check_image_input, checkpoint_block, tokens_to_grid
+from .binaryvit import _cfg as _pyramid_cfg
 from .convert import checkpoint_filter_fn
 from .layers import TokenBatchNorm
 
@@ -237,23 +238,8 @@ def _create_binary_deit(variant: str, pretrained: bool = False, **kwargs) -> Bin
 
 
 def _cfg(**kwargs):
-    return {
-        'url': '',
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': None,
-        'crop_pct': 0.875,
-        'interpolation': 'bicubic',
-        'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj',
-        'classifier': 'head',
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2306.16678',
-        'paper_name': 'BinaryViT: Pushing Binary Vision Transformers Towards Convolutional Models',
-        **kwargs,
-    }
+    # The pyramid's defaults, less its final 7x7 map: DeiT's features are tokens.
+    return _pyramid_cfg(**dict(dict(pool_size=None), **kwargs))
 
 
 default_cfgs = generate_default_cfgs({
