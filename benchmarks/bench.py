@@ -5,8 +5,8 @@ Usage (plain Python, from the repository root or anywhere)::
     python benchmarks/bench.py              # everything: train, train + grad checkpointing, eval, deployed eval
     python benchmarks/bench.py train        # training step only (with and without checkpointing)
     python benchmarks/bench.py eval         # eval forward only (plain and deployed)
-    python benchmarks/bench.py --quick      # CI smoke run: tiny batch, few steps (~1-2 minutes on 2 cores)
-    python benchmarks/bench.py --repeat 3   # measure every row 3 times (interleaved), report medians
+    python benchmarks/bench.py --quick      # CI smoke run: batch 2, one step, a few minutes at most
+    python benchmarks/bench.py --rounds 3   # measure everything 3 times, interleaved; report medians
 
 ``benchmarks/bench_train.py`` and ``benchmarks/bench_eval.py`` are shortcuts for the first two
 subcommands.
@@ -14,19 +14,22 @@ subcommands.
 Every (model, mode) row runs in its own Python subprocess, so the peak resident memory reported
 for it is that process's own peak (``VmHWM`` of ``/proc/self/status``, falling back to
 ``getrusage(RUSAGE_SELF).ru_maxrss``): importing torch and timm, building the model, the
-optimiser state and the step itself, with nothing subtracted. Times are medians over the
+optimiser state and the steps themselves, with nothing subtracted. Times are medians over the
 measured steps, after warm-up steps; the CPU time (user + system, all threads) of each step is
-reported as well, since it is less sensitive than wall time to other load on the machine.
+reported as well.
 
 Modes:
     ``train``     one AdamW step (zero_grad, forward, cross-entropy, backward, step), float32.
     ``train_gc``  the same with ``model.set_grad_checkpointing(True)``.
-    ``eval``      ``model.eval()`` forward under ``torch.inference_mode()``.
+    ``eval``      ``model.eval()`` forward under ``torch.inference_mode()``; img/s is the throughput.
     ``eval_dep``  the same after ``timm_binaryvit.deploy.deploy(model)`` (binary models only;
-                  ``n/a`` when the deploy module is not available).
+                  ``n/a`` when that module is not available).
 
-Ratios are to ``deit_small_patch16_224`` and ``pvt_v2_b2`` measured in the same run (their
-plain ``train`` / ``eval`` rows). The full mode checks the project's goals (see ``GOALS``).
+Ratios are to ``deit_small_patch16_224`` and ``pvt_v2_b2`` (their plain ``train`` / ``eval`` rows).
+With several rounds, each round measures every row once, in the same order, and a ratio is the
+median over rounds of the ratio within a round: on a machine whose speed drifts (other load,
+clock changes), a model is compared with the baseline measured minutes, not a quarter of an hour,
+apart. The full mode checks the project's goals (``GOALS``); ``--quick`` only smoke-tests.
 """
 import argparse
 import json
@@ -46,8 +49,8 @@ BASELINES = (DEIT, PVT)
 BINARY_MODELS = (BINARYVIT, BINARY_DEIT)
 MODES = ('train', 'train_gc', 'eval', 'eval_dep')
 
-# (model, mode, quantity, limit): quantity is 'time' or 'mem', the ratio to DeiT-S's plain row
-# of the same kind (train rows to DeiT-S train, eval rows to DeiT-S eval).
+# (model, mode, quantity, limit): quantity 'time' or 'mem', as a ratio to DeiT-S's plain row of the
+# same kind (train rows to DeiT-S train, eval rows to DeiT-S eval).
 GOALS = (
     (BINARYVIT, 'train', 'time', 2.5),
     (BINARYVIT, 'train', 'mem', 2.0),
@@ -129,7 +132,8 @@ def measure(spec: dict) -> dict:
         step()
         times.append(time.perf_counter() - t0)
         cpu_times.append(_cpu_seconds() - c0)
-    return dict(result, status='ok', times=times, cpu_times=cpu_times, peak_rss_mib=_peak_rss_mib())
+    return dict(result, status='ok', times=times, cpu_times=cpu_times, peak_rss_mib=_peak_rss_mib(),
+                time=statistics.median(times), cpu=statistics.median(cpu_times), mem=_peak_rss_mib())
 
 
 def child_main(spec_json: str) -> None:
@@ -155,22 +159,43 @@ def run_child(spec: dict, timeout: float) -> dict:
 
 
 def _median(values):
+    values = [v for v in values if v == v]
     return statistics.median(values) if values else float('nan')
 
 
-def combine(runs):
-    """Several runs of one row -> one row: medians of the per-run medians (and the maximum peak memory
-    is not used; the median peak is)."""
-    ok = [r for r in runs if r.get('status') == 'ok']
-    if not ok:
-        return runs[0]
-    row = dict(ok[0])
-    row['time'] = _median([_median(r['times']) for r in ok])
-    row['cpu'] = _median([_median(r['cpu_times']) for r in ok])
-    row['mem'] = _median([r['peak_rss_mib'] for r in ok])
-    row['per_run_time'] = [_median(r['times']) for r in ok]
-    row['per_run_mem'] = [r['peak_rss_mib'] for r in ok]
-    return row
+def _ok(row) -> bool:
+    return row is not None and row.get('status') == 'ok'
+
+
+def _reference_mode(mode: str) -> str:
+    return 'train' if mode.startswith('train') else 'eval'
+
+
+def summarise(rounds, jobs):
+    """Per row: medians over rounds of time, CPU time and peak memory, and per baseline the median over
+    rounds of the within-round ratios."""
+    rows = []
+    for model, mode in jobs:
+        runs = [r[(model, mode)] for r in rounds]
+        ok = [r for r in runs if _ok(r)]
+        if not ok:
+            rows.append(runs[0])
+            continue
+        row = dict(ok[0])
+        row['time'] = _median([r['time'] for r in ok])
+        row['cpu'] = _median([r['cpu'] for r in ok])
+        row['mem'] = _median([r['mem'] for r in ok])
+        row['per_round'] = [(r['time'], r['mem']) if _ok(r) else None for r in runs]
+        row['ratios'] = {}
+        for base in BASELINES:
+            key = (base, _reference_mode(mode))
+            pairs = [(r[(model, mode)], r.get(key)) for r in rounds]
+            pairs = [(a, b) for a, b in pairs if _ok(a) and _ok(b)]
+            if pairs:
+                row['ratios'][base] = (_median([a['time'] / b['time'] for a, b in pairs]),
+                                       _median([a['mem'] / b['mem'] for a, b in pairs]))
+        rows.append(row)
+    return rows
 
 
 def machine_description() -> str:
@@ -195,62 +220,74 @@ def _fmt(value, spec='.2f', suffix=''):
     return f'{value:{spec}}{suffix}'
 
 
-def print_table(rows, baselines):
-    header = (f"{'model':46s} {'mode':9s} {'s/step':>8s} {'cpu s':>8s} {'img/s':>8s} {'peak MiB':>9s}"
-              + ''.join(f" {'t/' + short:>8s} {'m/' + short:>8s}" for short, _ in baselines))
+def print_table(rows):
+    header = (f"{'model':44s} {'mode':9s} {'s/step':>8s} {'cpu s':>8s} {'img/s':>8s} {'peak MiB':>9s}"
+              f" {'t/deit':>7s} {'m/deit':>7s} {'t/pvt':>7s} {'m/pvt':>7s}")
     print(header)
     print('-' * len(header))
     for row in rows:
-        if row.get('status') != 'ok':
-            print(f"{row['model']:46s} {row['mode']:9s} {row.get('status')}")
+        if not _ok(row):
+            print(f"{row['model']:44s} {row['mode']:9s} {row.get('status')}")
             continue
-        line = (f"{row['model']:46s} {row['mode']:9s} {_fmt(row['time'], '.3f'):>8s} {_fmt(row['cpu'], '.3f'):>8s} "
+        line = (f"{row['model']:44s} {row['mode']:9s} {_fmt(row['time'], '.3f'):>8s} {_fmt(row['cpu'], '.3f'):>8s} "
                 f"{_fmt(row['batch'] / row['time'], '.1f'):>8s} {_fmt(row['mem'], '.0f'):>9s}")
-        for _, base in baselines:
-            ref = base.get('train' if row['mode'].startswith('train') else 'eval')
-            if ref is None or ref.get('status') != 'ok':
-                line += f" {'n/a':>8s} {'n/a':>8s}"
-            else:
-                line += f" {_fmt(row['time'] / ref['time'], '.2f', 'x'):>8s} {_fmt(row['mem'] / ref['mem'], '.2f', 'x'):>8s}"
+        for base in BASELINES:
+            t, m = row['ratios'].get(base, (float('nan'), float('nan')))
+            line += f" {_fmt(t, '.2f', 'x'):>7s} {_fmt(m, '.2f', 'x'):>7s}"
         print(line)
 
 
-def check_goals(table):
-    deit = table.get(DEIT, {})
-    print('\nGoals (ratios to deit_small_patch16_224 in this run):')
+def check_goals(rows) -> bool:
+    by_key = {(r['model'], r['mode']): r for r in rows}
+    print('\nGoals (ratios to deit_small_patch16_224, medians over rounds):')
     all_met = True
     for model, mode, quantity, limit in GOALS:
-        row = table.get(model, {}).get(mode)
-        ref = deit.get('train' if mode.startswith('train') else 'eval')
-        label = f'{model} {mode} {quantity}'
-        if row is None or ref is None:
+        row = by_key.get((model, mode))
+        if row is None:
             continue
-        if row.get('status') != 'ok' or ref.get('status') != 'ok':
-            print(f'  {label:62s} <= {limit:.2f}x: not measured ({row.get("status")})')
+        label = f'{model} {mode} {quantity}'
+        ratio = row['ratios'].get(DEIT, (float('nan'),) * 2)[0 if quantity == 'time' else 1] if _ok(row) else None
+        if ratio is None or ratio != ratio:
+            print(f'  {label:58s} <= {limit:.2f}x: not measured ({row.get("status")})')
             all_met = False
             continue
-        ratio = row[quantity] / ref[quantity]
         met = ratio <= limit
         all_met &= met
-        print(f"  {label:62s} <= {limit:.2f}x: {ratio:.2f}x  {'MET' if met else 'NOT MET'}")
+        print(f"  {label:58s} <= {limit:.2f}x: {ratio:.2f}x  {'MET' if met else 'NOT MET'}")
     for model in BINARY_MODELS:
-        row, ref = table.get(model, {}).get('train_gc'), deit.get('train')
-        if row and ref and row.get('status') == 'ok' and ref.get('status') == 'ok':
-            print(f"  {model + ' train_gc (informational)':62s}         "
-                  f"time {row['time'] / ref['time']:.2f}x, memory {row['mem'] / ref['mem']:.2f}x")
+        row = by_key.get((model, 'train_gc'))
+        if _ok(row) and DEIT in row['ratios']:
+            t, m = row['ratios'][DEIT]
+            print(f"  {model + ' train_gc (no goal)':58s}          time {t:.2f}x, memory {m:.2f}x")
     print(f"All goals met: {'yes' if all_met else 'no'}")
     return all_met
+
+
+def plan(models, modes):
+    jobs = []
+    for model in models:
+        for mode in modes:
+            if model in BASELINES and mode in ('train_gc', 'eval_dep'):
+                continue  # no deployed form; their checkpointed step is no goal
+            jobs.append((model, mode))
+    # The baselines' plain rows are needed for the ratios.
+    for base in reversed(BASELINES):
+        for mode in ('eval', 'train'):
+            if (base, mode) not in jobs and any(_reference_mode(m) == mode for _, m in jobs):
+                jobs.insert(0, (base, mode))
+    return jobs
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('what', nargs='?', default='all', choices=('all', 'train', 'eval'))
-    parser.add_argument('--quick', action='store_true', help='CI smoke run: batch 2, 1 warm-up and 2 measured steps')
+    parser.add_argument('--quick', action='store_true',
+                        help='CI smoke run: batch 2, 1 warm-up and 1 measured step, no goal check')
     parser.add_argument('--batch', type=int, default=None, help='batch size (default 16, quick 2)')
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--warmup', type=int, default=None, help='warm-up steps (default 2, quick 1)')
-    parser.add_argument('--steps', type=int, default=None, help='measured steps (default 5, quick 2)')
-    parser.add_argument('--repeat', type=int, default=1, help='measure each row this many times, interleaved')
+    parser.add_argument('--warmup', type=int, default=None, help='warm-up steps per process (default 2, quick 1)')
+    parser.add_argument('--steps', type=int, default=None, help='measured steps per process (default 5, quick 1)')
+    parser.add_argument('--rounds', type=int, default=1, help='measure every row this many times, interleaved')
     parser.add_argument('--threads', type=int, default=0, help='torch threads in the children (0: torch default)')
     parser.add_argument('--models', nargs='+', default=None, help='models to measure (default: baselines + binary)')
     parser.add_argument('--modes', nargs='+', default=None, choices=MODES)
@@ -260,62 +297,46 @@ def main(argv=None):
 
     batch = args.batch or (2 if args.quick else 16)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    steps = args.steps or (2 if args.quick else 5)
+    steps = args.steps or (1 if args.quick else 5)
     modes = args.modes or {'all': MODES, 'train': ('train', 'train_gc'), 'eval': ('eval', 'eval_dep')}[args.what]
-    models = args.models or list(BASELINES + BINARY_MODELS)
-
-    jobs = []
-    for model in models:
-        for mode in modes:
-            if model in BASELINES and mode in ('train_gc', 'eval_dep'):
-                continue  # the baselines have no deployed form; their checkpointed step is no goal
-            jobs.append((model, mode))
-    # The baselines' plain rows are needed for the ratios.
-    for base in BASELINES:
-        for mode in ('train', 'eval'):
-            if (base, mode) not in jobs and any(m.startswith(mode) for _, m in jobs):
-                jobs.insert(0, (base, mode))
+    jobs = plan(args.models or list(BASELINES + BINARY_MODELS), modes)
 
     print(f'Machine: {machine_description()}')
     print(f'Batch {batch}, {args.img_size}x{args.img_size}, float32, {warmup} warm-up + {steps} measured steps '
-          f'per process, {args.repeat} run(s) per row; one process per row; load average at start '
+          f'per process, one process per row, {args.rounds} round(s); load average at start '
           f'{", ".join(f"{v:.2f}" for v in os.getloadavg())}', flush=True)
-    runs = {job: [] for job in jobs}
+    rounds = []
     started = time.time()
-    for _ in range(args.repeat):
+    for _ in range(args.rounds):
+        results = {}
         for model, mode in jobs:
             spec = dict(model=model, mode=mode, batch=batch, img_size=args.img_size, warmup=warmup,
                         steps=steps, threads=args.threads)
-            runs[(model, mode)].append(run_child(spec, args.timeout))
+            results[(model, mode)] = run_child(spec, args.timeout)
+        rounds.append(results)
     print(f'(measured in {time.time() - started:.0f} s; load average at end '
           f'{", ".join(f"{v:.2f}" for v in os.getloadavg())})\n')
 
-    table = {}
-    rows = []
-    for model, mode in jobs:
-        row = combine(runs[(model, mode)])
-        table.setdefault(model, {})[mode] = row
-        rows.append(row)
-    order = {m: i for i, m in enumerate(models)}
-    rows.sort(key=lambda r: (order.get(r['model'], -1), MODES.index(r['mode'])))
-    baselines = [('deit', table.get(DEIT, {})), ('pvt', table.get(PVT, {}))]
-    print_table(rows, baselines)
-    if args.repeat > 1:
-        print('\nPer-run medians (s/step) and peaks (MiB):')
+    rows = summarise(rounds, jobs)
+    print_table(rows)
+    if args.rounds > 1:
+        print('\nPer round (s/step, peak MiB):')
         for row in rows:
-            if row.get('status') == 'ok':
-                print(f"  {row['model']:46s} {row['mode']:9s} "
-                      f"{' '.join(f'{t:.3f}' for t in row['per_run_time'])}  |  "
-                      f"{' '.join(f'{m:.0f}' for m in row['per_run_mem'])}")
-    print('\nt/deit, m/deit: time and peak-memory ratios to deit_small_patch16_224; t/pvt, m/pvt: to pvt_v2_b2 '
-          '(train rows to its train row, eval rows to its eval row).')
+            if _ok(row):
+                per = '  '.join(f'{t:.3f} {m:.0f}' if t is not None else 'failed'
+                                for t, m in (p if p else (None, None) for p in row['per_round']))
+                print(f"  {row['model']:44s} {row['mode']:9s} {per}")
+    print('\ns/step, cpu s, peak MiB: medians over rounds; t/..., m/...: time and peak-memory ratios to '
+          'deit_small_patch16_224 (deit) and pvt_v2_b2 (pvt), train rows to their train row, eval rows to '
+          'their eval row.')
     if not args.quick:
-        check_goals(table)
+        check_goals(rows)
     if args.json:
         with open(args.json, 'w') as f:
-            json.dump(dict(batch=batch, img_size=args.img_size, rows=rows, runs={f'{k[0]}:{k[1]}': v for k, v in runs.items()}),
-                      f, indent=1)
-    return 0 if all(r.get('status') == 'ok' or r['mode'] == 'eval_dep' for r in rows) else 1
+            json.dump(dict(batch=batch, img_size=args.img_size, rows=rows,
+                           rounds=[{f'{k[0]}:{k[1]}': v for k, v in r.items()} for r in rounds]), f, indent=1)
+    failed = [r for r in rows if not _ok(r) and not str(r.get('status', '')).startswith('n/a')]
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

@@ -74,9 +74,11 @@ class _BinaryAttentionProduct(torch.autograd.Function):
         qh = _heads(q, num_heads)
         kh = _heads(k, num_heads)
         vh = _heads(v, num_heads)
-        attn = torch.matmul(qh, kh.transpose(-2, -1)).div_(math.sqrt(d))
+        # Q K^T / sqrt(d) as (Q / sqrt(d)) K^T: the division on the (B, h, N, d) side.
+        attn = torch.matmul(torch.div(qh, math.sqrt(d)), kh.transpose(-2, -1))
         p = attn.softmax(dim=-1)
-        binary = torch.div(p, scale, out=attn).round_().clamp_(0, 1)  # P_b / s, in {0, 1}
+        # P_b / s = clamp(round(p / s), 0, 1) is 1 exactly where p / s > 0.5 (round half to even).
+        binary = torch.div(p, scale, out=attn).gt_(0.5)
         out = torch.matmul(binary, vh).mul_(scale)
         ctx.save_for_backward(p, qh.to(torch.int8), kh.to(torch.int8), vh.to(torch.int8), scale)
         ctx.num_heads = num_heads
@@ -91,7 +93,7 @@ class _BinaryAttentionProduct(torch.autograd.Function):
         need = ctx.needs_input_grad
         gh = _heads(grad, h)
         q = torch.div(p, scale)
-        binary = torch.round(q).clamp_(0, 1)  # P_b / s
+        binary = torch.gt(q, 0.5, out=torch.empty_like(q))  # P_b / s = clamp(round(q), 0, 1)
         grad_v = None
         if need[2]:
             # (P_b^T g)^T = g^T P_b
@@ -104,14 +106,15 @@ class _BinaryAttentionProduct(torch.autograd.Function):
         del grad_binary
         if grad_scale is not None:
             grad_scale = (grad_scale - _dot(grad_p, q)).reshape(scale.shape)
-        grad_attn = torch._softmax_backward_data(grad_p, p, -1, dtype, grad_input=q).div_(math.sqrt(d))
+        grad_attn = torch._softmax_backward_data(grad_p, p, -1, dtype, grad_input=q)
         del grad_p
         grad_q = grad_k = None
+        # The gradient w.r.t. Q K^T, divided by sqrt(d) on the (B, h, N, d) side.
         if need[0]:
-            grad_q = torch.matmul(grad_attn, kh.to(dtype)).transpose(1, 2).reshape(B, N, h * d)
+            grad_q = torch.matmul(grad_attn, kh.to(dtype).div_(math.sqrt(d))).transpose(1, 2).reshape(B, N, h * d)
         if need[1]:
             # (S^T Q)^T = Q^T S
-            grad_k = torch.matmul(qh.to(dtype).transpose(-2, -1), grad_attn)  # (B, h, d, Nk)
+            grad_k = torch.matmul(qh.to(dtype).div_(math.sqrt(d)).transpose(-2, -1), grad_attn)  # (B, h, d, Nk)
             grad_k = grad_k.permute(0, 3, 1, 2).reshape(B, Nk, h * d)
         return grad_q, grad_k, grad_v, grad_scale, None
 
@@ -297,7 +300,7 @@ class _BinaryFFN(torch.autograd.Function):
         weight2_x2 = signs2 * (2 * a2).unsqueeze(1)  # 2 * binary fc2 weight (ApproxSign's factor 2)
         zeros = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         grad_weight2_binary = zeros(C, H)
-        grad_shift2, grad_act1_out, grad_slope1, sum_z = zeros(H), zeros(H), zeros(H), zeros(H)
+        grad_shift2, grad_slope1, sum_z = zeros(H), zeros(H), zeros(H)
         grad_repeat = torch.empty(M, C, dtype=dtype, device=device)
         if not whole:
             weight1_bn = signs1 * (a1 * gain1).unsqueeze(1)  # BN1 gain times binary fc1 weight
@@ -325,7 +328,6 @@ class _BinaryFFN(torch.autograd.Function):
             del u
             grad_shift2.add_(gt.sum(0))
             gt.view(m, C, E).add_(grad_v2[r0:r1].unsqueeze(-1), alpha=1. / E)  # through pool(t)
-            grad_act1_out.add_(gt.sum(0))
             gz, gslope = _prelu_backward(gt, z, act1_slope, need[6])
             del gt, z
             if gslope is not None:
@@ -337,6 +339,8 @@ class _BinaryFFN(torch.autograd.Function):
                 torch.mm(gz, weight1_bn, out=grad_s1[r0:r1])
                 del gz
 
+        # t = PReLU(z) + o1 feeds sign(t + b2) and pool(t): sum over rows of both gradients.
+        grad_act1_out = grad_shift2 + (sum_v2 / E).repeat_interleave(E)
         weight1_binary = signs1 * a1.unsqueeze(1)
         if whole:
             if not y1_whole:
@@ -633,8 +637,9 @@ class BinaryMlp(nn.Module):
     """
     #: fused path on the CPU: up to this many hidden values (tokens x E * C) the FFN runs in one
     #: piece; beyond, in chunks of about ``chunk_elements`` hidden values (2 MiB of float32, so
-    #: that a chunk's temporaries stay in the caches and are reused rather than freshly allocated)
-    unchunked_elements = 1 << 22
+    #: that a chunk's temporaries stay in the caches and are reused rather than freshly allocated:
+    #: fresh memory costs page faults, which two threads take in turn)
+    unchunked_elements = 1 << 20
     chunk_elements = 1 << 19
 
     def __init__(self, dim: int, mlp_ratio: int = 4, device=None, dtype=None):

@@ -180,12 +180,17 @@ class _BinaryLinear(torch.autograd.Function):
         grad = _rows(grad)
         shifted = _rows(x) + shift
         grad_x = grad_shift = grad_weight = None
+        need_x = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        if need_x:
+            grad_x = torch.empty_like(shifted)
         if ctx.needs_input_grad[2]:
-            grad_weight = _linear_weight_grad(weight, grad.t() @ torch.sign(shifted))
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            signs = torch.sign(shifted, out=grad_x) if need_x else torch.sign(shifted)
+            grad_weight = _linear_weight_grad(weight, grad.t() @ signs)
+            del signs
+        if need_x:
             sign_weight, scale = _linear_weight_signs(weight)
             # grad @ (2 * binary weight), times (1 - |clamp(x + shift)|): the ApproxSign gradient.
-            grad_x = grad @ (sign_weight * (2 * scale).unsqueeze(1))
+            torch.mm(grad, sign_weight * (2 * scale).unsqueeze(1), out=grad_x)
             grad_x.addcmul_(grad_x, shifted.clamp_(-1, 1).abs_(), value=-1)
             grad_shift = grad_x.sum(0) if ctx.needs_input_grad[1] else None
             grad_x = grad_x.view(x.shape)
@@ -302,13 +307,17 @@ def elastic_binarize(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _ElasticBinarize.apply(p, scale)
 
 
-def _prelu_backward(grad: torch.Tensor, z: torch.Tensor, slope: torch.Tensor, need_slope: bool):
+def _prelu_backward(grad: torch.Tensor, z: torch.Tensor, slope: torch.Tensor, need_slope: bool,
+                    return_scratch: bool = False):
     # PReLU(z) = z (z > 0), slope * z (z <= 0), on (M, C) rows: (grad_z, grad_slope). Uses neither
-    # torch.where nor aten's prelu backward, both slow on the CPU with a broadcast slope.
-    grad_pos = torch.ops.aten.hardtanh_backward(grad, z, 0., math.inf)  # grad where z > 0
-    grad_neg = grad - grad_pos
-    grad_z = torch.addcmul(grad_pos, grad_neg, slope)
+    # torch.where nor aten's prelu backward, both slow on the CPU with a broadcast slope. With
+    # return_scratch, also a spare tensor of z's shape that the caller may overwrite.
+    grad_z = torch.ops.aten.hardtanh_backward(grad, z, 0., math.inf)  # grad where z > 0
+    grad_neg = grad - grad_z
+    grad_z.addcmul_(grad_neg, slope)  # exactly grad (z > 0) or slope * grad (z <= 0)
     grad_slope = grad_neg.mul_(z).sum(0) if need_slope else None
+    if return_scratch:
+        return grad_z, grad_slope, grad_neg
     return grad_z, grad_slope
 
 
@@ -398,18 +407,20 @@ def batchnorm_stats(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> Tup
 
 def batchnorm_backward(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                        weight: Optional[torch.Tensor], batch: bool, need_weight: bool,
-                       grad_sum: Optional[torch.Tensor] = None):
+                       grad_sum: Optional[torch.Tensor] = None, scratch: Optional[torch.Tensor] = None):
     """Gradients of ``BN(y) = (y - mean) * invstd * weight + bias`` on (M, C) rows: ``(grad_y, grad_weight,
-    grad_bias)``; with ``batch``, ``mean`` and ``invstd`` are the statistics of ``y`` and are differentiated."""
+    grad_bias)``; with ``batch``, ``mean`` and ``invstd`` are the statistics of ``y`` and are differentiated.
+    ``scratch``, a spare tensor of ``y``'s shape, saves an allocation."""
     grad_bias = grad.sum(0) if grad_sum is None else grad_sum
     scale = invstd if weight is None else invstd * weight
-    centred = y - mean
-    grad_xhat = (grad * centred).sum(0)  # sum(grad * (y - mean)) = sum(grad * xhat) / invstd
+    centred = torch.sub(y, mean, out=scratch) if scratch is not None else y - mean
+    grad_y = torch.mul(grad, centred)
+    grad_xhat = grad_y.sum(0)  # sum(grad * (y - mean)) = sum(grad * xhat) / invstd
     grad_weight = grad_xhat * invstd if need_weight and weight is not None else None
     if not batch:
-        return grad * scale, grad_weight, grad_bias
+        return torch.mul(grad, scale, out=grad_y), grad_weight, grad_bias
     rows = y.shape[0]
-    grad_y = torch.addcmul(scale * grad_bias * (-1. / rows), grad, scale)
+    torch.addcmul(scale * grad_bias * (-1. / rows), grad, scale, out=grad_y)
     grad_y.addcmul_(centred, scale * invstd * invstd * grad_xhat * (-1. / rows))
     return grad_y, grad_weight, grad_bias
 
@@ -428,7 +439,6 @@ class _NormAddRPReLU(torch.autograd.Function):
         v, mean, invstd, batch = batchnorm_forward(bn, y2, weight, _shifted_bias(bias, shift_in))
         v.add_(_rows(shortcut))
         out = F.prelu(v, slope).add_(shift_out)
-        del v
         running = (bn.running_mean, bn.running_var) if not batch else (None, None)
         ctx.save_for_backward(y, shortcut, weight, bias, shift_in, slope, shift_out, sign_shift, alpha,
                               mean, invstd, *running)
@@ -439,7 +449,7 @@ class _NormAddRPReLU(torch.autograd.Function):
         if residual is not None:
             out.add_(_rows(residual))
         if sign_shift is not None:
-            return out.view(shape), torch.add(out, sign_shift).sign_().view(shape)
+            return out.view(shape), torch.add(out, sign_shift, out=v).sign_().view(shape)
         return out.view(shape)
 
     @staticmethod
@@ -462,15 +472,16 @@ class _NormAddRPReLU(torch.autograd.Function):
                 grad = grad * alpha
             if sign_shift is not None and grad_signs is not None:
                 grad_signs = _rows(grad_signs)
-                g = torch.addcmul(grad_signs, grad_signs, out.add_(sign_shift).clamp_(-1, 1).abs_(), value=-1)
+                h = out.add_(sign_shift).clamp_(-1, 1).abs_()
+                g = torch.addcmul(grad_signs, grad_signs, h, value=-1, out=h)  # ApproxSign / 2
                 grad_sign_shift = g.sum(0).mul_(2) if need[7] else None
-                grad = torch.add(grad, g, alpha=2)
+                grad = torch.add(grad, g, alpha=2, out=g)
             del out
-        grad_v, grad_slope = _prelu_backward(grad, v, slope, need[5])
+        grad_v, grad_slope, scratch = _prelu_backward(grad, v, slope, need[5], return_scratch=True)
         del v
         grad_v_sum = grad_v.sum(0)
         grad_y, grad_weight, grad_bias = batchnorm_backward(
-            grad_v, y2, mean, invstd, weight, ctx.batch, need[2], grad_v_sum)
+            grad_v, y2, mean, invstd, weight, ctx.batch, need[2], grad_v_sum, scratch=scratch)
         return (grad_y.view(y.shape), grad_v.view(shortcut.shape) if need[1] else None, grad_weight,
                 grad_bias if need[3] else None, -grad_v_sum if need[4] else None, grad_slope,
                 grad.sum(0) if need[6] else None, grad_sign_shift, grad_alpha, grad_beta,
