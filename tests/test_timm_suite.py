@@ -104,13 +104,6 @@ _NOT_APPLICABLE = pytest.mark.skip(reason=(
     'test_model_default_cfgs_non_std runs instead'))
 
 
-# Open defect, tracked in the issue: the scripted BinaryDeiT resolves forward() to a signature with
-# forward_head's pre_logits argument. Marked so CI shows it as xfailed rather than hiding it.
-_KNOWN_TORCHSCRIPT_DEFECT = pytest.mark.xfail(reason=(
-    "known defect: scripted BinaryDeiT forward() asks for 'pre_logits' (TorchScript), under investigation"),
-    strict=False)
-
-
 def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
@@ -125,8 +118,6 @@ def pytest_collection_modifyitems(config, items):
         name = item.callspec.params['model_name'].split('.')[0]
         if item.originalname == 'test_model_default_cfgs' and name in NON_STD_MODELS:
             item.add_marker(_NOT_APPLICABLE)
-        if item.originalname == 'test_model_forward_torchscript' and name.startswith('binary_deit'):
-            item.add_marker(_KNOWN_TORCHSCRIPT_DEFECT)
 
 
 def _message(report):
