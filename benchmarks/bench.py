@@ -26,19 +26,27 @@ Modes:
                   ``n/a`` when that module is not available).
 
 Ratios are to ``deit_small_patch16_224`` and ``pvt_v2_b2`` (their plain ``train`` / ``eval`` rows).
-With several rounds, each round measures every row once, in the same order, and a ratio is the
-median over rounds of the ratio within a round: on a machine whose speed drifts (other load,
-clock changes), a model is compared with the baseline measured minutes, not a quarter of an hour,
-apart. The full mode checks the project's goals (``GOALS``); ``--quick`` only smoke-tests.
+The machines this runs on are shared and their speed drifts by tens of percent within minutes, so
+time is compared in lockstep: per mode, one DeiT-S process stays up while each other row's process
+runs beside it, and the two take steps in turn (the other one waits on a pipe, using no CPU; the
+order flips every step). A row's time ratio to DeiT-S is the median over its step pairs, taken
+seconds apart; its ratio to PVT-v2-b2 is that divided by PVT-v2-b2's own lockstep ratio to DeiT-S.
+Memory ratios are of the processes' peaks. With several rounds, every reported figure is the median
+over rounds.
+The full mode checks the project's goals (``GOALS``); ``--quick`` only smoke-tests.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
+import queue
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 DEIT = 'deit_small_patch16_224'
@@ -82,7 +90,9 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(spec: dict) -> dict:
+def _build_step(spec: dict):
+    """The model of ``spec`` and a function running one step of its mode; ``(None, status)`` where the
+    mode does not apply."""
     import torch
     import torch.nn.functional as F
     import timm
@@ -94,8 +104,7 @@ def measure(spec: dict) -> dict:
     name, mode = spec['model'], spec['mode']
     batch, size = spec['batch'], spec['img_size']
     model = timm.create_model(name, num_classes=1000)
-    result = dict(model=name, mode=mode, batch=batch, img_size=size, threads=torch.get_num_threads(),
-                  params=sum(p.numel() for p in model.parameters()))
+    info = dict(threads=torch.get_num_threads(), params=sum(p.numel() for p in model.parameters()))
     x = torch.randn(batch, 3, size, size)
 
     if mode.startswith('train'):
@@ -110,52 +119,198 @@ def measure(spec: dict) -> dict:
             loss = F.cross_entropy(model(x), target)
             loss.backward()
             optimizer.step()
-    else:
-        model.eval()
-        if mode == 'eval_dep':
-            try:
-                from timm_binaryvit.deploy import deploy
-            except ImportError as e:
-                return dict(result, status=f'n/a ({e.__class__.__name__}: {e})')
-            deployed = deploy(model)
-            model = deployed if deployed is not None else model
+        return step, info
+    model.eval()
+    if mode == 'eval_dep':
+        try:
+            from timm_binaryvit.deploy import deploy
+        except ImportError as e:
+            return None, dict(info, status=f'n/a ({e.__class__.__name__}: {e})')
+        deployed = deploy(model)
+        model = deployed if deployed is not None else model
 
-        def step():
-            with torch.inference_mode():
-                model(x)
-
-    for _ in range(spec['warmup']):
-        step()
-    times, cpu_times = [], []
-    for _ in range(spec['steps']):
-        t0, c0 = time.perf_counter(), _cpu_seconds()
-        step()
-        times.append(time.perf_counter() - t0)
-        cpu_times.append(_cpu_seconds() - c0)
-    return dict(result, status='ok', times=times, cpu_times=cpu_times, peak_rss_mib=_peak_rss_mib(),
-                time=statistics.median(times), cpu=statistics.median(cpu_times), mem=_peak_rss_mib())
+    def step():
+        with torch.inference_mode():
+            model(x)
+    return step, info
 
 
 def child_main(spec_json: str) -> None:
-    result = measure(json.loads(spec_json))
-    print('RESULT ' + json.dumps(result), flush=True)
+    """Serve steps on request: ``warmup`` (untimed) and ``step`` (answers ``TIME wall cpu``), then
+    ``finish`` (answers ``RESULT {...}`` with the peak resident memory). Between requests the process
+    waits on its input, using no CPU, so the driver can run two models' steps in turn."""
+    spec = json.loads(spec_json)
+    step, info = _build_step(spec)
+    if step is None:
+        print('RESULT ' + json.dumps(info), flush=True)
+        return
+    print('READY ' + json.dumps(info), flush=True)
+    for line in sys.stdin:
+        command = line.strip()
+        if command == 'warmup':
+            step()
+            print('OK', flush=True)
+        elif command == 'step':
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            step()
+            print(f'TIME {time.perf_counter() - t0!r} {_cpu_seconds() - c0!r}', flush=True)
+        elif command == 'finish':
+            print('RESULT ' + json.dumps(dict(status='ok', mem=_peak_rss_mib())), flush=True)
+            return
 
 
 # ---------------------------------------------------------------------------------------------
 # Driver
 
 
-def run_child(spec: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), '_child', json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(spec, status=f'failed (timeout after {timeout:.0f} s)')
-    for line in proc.stdout.splitlines():
-        if line.startswith('RESULT '):
-            return json.loads(line[len('RESULT '):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ['no output']
-    return dict(spec, status=f'failed (exit {proc.returncode}: {tail[0][:200]})')
+class ChildFailed(RuntimeError):
+    pass
+
+
+class Child:
+    """One measuring process (one model, one mode), driven over its standard input and output."""
+
+    def __init__(self, spec: dict, timeout: float):
+        self.spec, self.timeout = spec, timeout
+        self.stderr = tempfile.TemporaryFile(mode='w+')
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), '_child', json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, bufsize=1)
+        self.lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.times, self.cpu_times = [], []
+        self.result = None
+        kind, payload = self._answer()
+        if kind == 'RESULT':  # the mode does not apply (e.g. no deploy module)
+            self.result = dict(spec, **json.loads(payload))
+            self.close()
+        elif kind == 'READY':
+            self.info = json.loads(payload)
+        else:
+            self._fail(f'unexpected answer {kind!r}')
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip('\n'))
+        self.lines.put(None)
+
+    def _fail(self, why: str):
+        self.close()
+        self.stderr.seek(0)
+        tail = [ln for ln in self.stderr.read().strip().splitlines() if ln.strip()][-1:] or [why]
+        raise ChildFailed(f'exit {self.proc.returncode}: {tail[0][:200]}')
+
+    def _answer(self):
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                self.proc.kill()
+                raise ChildFailed(f'timeout after {self.timeout:.0f} s')
+            if line is None:
+                self.proc.wait()
+                self._fail('no answer')
+            kind, _, payload = line.partition(' ')
+            if kind in ('READY', 'RESULT', 'OK', 'TIME'):
+                return kind, payload
+
+    def request(self, command: str):
+        try:
+            self.proc.stdin.write(command + '\n')
+            self.proc.stdin.flush()
+        except OSError:
+            self._fail('input closed')
+        kind, payload = self._answer()
+        if command == 'step':
+            wall, cpu = map(float, payload.split())
+            self.times.append(wall)
+            self.cpu_times.append(cpu)
+            return wall
+        return None
+
+    def finish(self) -> dict:
+        """End the process; its result: the spec, the step times and its peak resident memory."""
+        try:
+            self.proc.stdin.write('finish\n')
+            self.proc.stdin.flush()
+        except OSError:
+            self._fail('input closed')
+        _, payload = self._answer()
+        self.close()
+        result = dict(self.spec, **self.info, **json.loads(payload), times=self.times, cpu_times=self.cpu_times)
+        result.update(time=statistics.median(self.times), cpu=statistics.median(self.cpu_times))
+        return result
+
+    def close(self):
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _failed(spec: dict, error: Exception) -> dict:
+    return dict(spec, status=f'failed ({error})')
+
+
+def run_round(jobs, make_spec, warmup: int, steps: int, timeout: float):
+    """One round: per reference mode, one DeiT-S process stays up while every other row of that mode
+    runs beside it, step for step in turn (the order flips every step), so that each step of a model
+    is compared with a DeiT-S step taken seconds before or after it. Returns ``(results, ratios)``:
+    ``ratios[(model, mode)]`` is ``(median of the step-time ratios, peak-memory ratio)`` to DeiT-S."""
+    results, ratios = {}, {}
+    for ref_mode in ('train', 'eval'):
+        rows = [job for job in jobs if _reference_mode(job[1]) == ref_mode and job != (DEIT, ref_mode)]
+        if not rows and (DEIT, ref_mode) not in jobs:
+            continue
+        try:
+            base = Child(make_spec(DEIT, ref_mode), timeout)
+        except ChildFailed as e:
+            results[(DEIT, ref_mode)] = _failed(make_spec(DEIT, ref_mode), e)
+            for job in rows:
+                results[job] = _failed(make_spec(*job), f'no {DEIT} baseline: {e}')
+            continue
+        paired = {}
+        try:
+            for _ in range(warmup):
+                base.request('warmup')
+            for job in rows:
+                try:
+                    child = Child(make_spec(*job), timeout)
+                    if child.result is not None:
+                        results[job] = child.result
+                        continue
+                    for _ in range(warmup):
+                        child.request('warmup')
+                    base.request('warmup')  # the caches are the other process's after its warm-up
+                    pairs = []
+                    for i in range(steps):
+                        order = (base, child) if i % 2 == 0 else (child, base)
+                        for c in order:
+                            c.request('step')
+                        pairs.append(child.times[-1] / base.times[-1])
+                    results[job] = child.finish()
+                    paired[job] = statistics.median(pairs)
+                except ChildFailed as e:
+                    results[job] = _failed(make_spec(*job), e)
+            if not base.times:  # DeiT-S alone (no other row of this mode): its own steps
+                for _ in range(steps):
+                    base.request('step')
+            results[(DEIT, ref_mode)] = base.finish()
+        except ChildFailed as e:
+            results[(DEIT, ref_mode)] = _failed(make_spec(DEIT, ref_mode), e)
+            for job in rows:
+                if _ok(results.get(job)):
+                    results[job] = _failed(make_spec(*job), f'{DEIT} baseline failed: {e}')
+            continue
+        base_mem = results[(DEIT, ref_mode)]['mem']
+        ratios[(DEIT, ref_mode)] = (1.0, 1.0)
+        for job, time_ratio in paired.items():
+            ratios[job] = (time_ratio, results[job]['mem'] / base_mem)
+    return results, ratios
 
 
 def _median(values):
@@ -173,10 +328,11 @@ def _reference_mode(mode: str) -> str:
 
 def summarise(rounds, jobs):
     """Per row: medians over rounds of time, CPU time and peak memory, and per baseline the median over
-    rounds of the within-round ratios."""
+    rounds of that round's ratio (to DeiT-S: measured in lockstep; to PVT-v2-b2: the ratio to DeiT-S
+    divided by PVT-v2-b2's ratio to DeiT-S of the same round)."""
     rows = []
     for model, mode in jobs:
-        runs = [r[(model, mode)] for r in rounds]
+        runs = [results[(model, mode)] for results, _ in rounds]
         ok = [r for r in runs if _ok(r)]
         if not ok:
             rows.append(runs[0])
@@ -187,13 +343,14 @@ def summarise(rounds, jobs):
         row['mem'] = _median([r['mem'] for r in ok])
         row['per_round'] = [(r['time'], r['mem']) if _ok(r) else None for r in runs]
         row['ratios'] = {}
-        for base in BASELINES:
-            key = (base, _reference_mode(mode))
-            pairs = [(r[(model, mode)], r.get(key)) for r in rounds]
-            pairs = [(a, b) for a, b in pairs if _ok(a) and _ok(b)]
-            if pairs:
-                row['ratios'][base] = (_median([a['time'] / b['time'] for a, b in pairs]),
-                                       _median([a['mem'] / b['mem'] for a, b in pairs]))
+        to_deit = [ratios.get((model, mode)) for _, ratios in rounds]
+        pvt_key = (PVT, _reference_mode(mode))
+        to_pvt = [(r[0] / p[0], r[1] / p[1]) for r, p in zip(to_deit, (ratios.get(pvt_key) for _, ratios in rounds))
+                  if r is not None and p is not None]
+        for base, values in ((DEIT, [r for r in to_deit if r is not None]), (PVT, to_pvt)):
+            if values:
+                row['ratios'][base] = (_median([t for t, _ in values]), _median([m for _, m in values]))
+        row['per_round_ratio'] = [r[0] if r is not None else None for r in to_deit]
         rows.append(row)
     return rows
 
@@ -303,38 +460,40 @@ def main(argv=None):
 
     print(f'Machine: {machine_description()}')
     print(f'Batch {batch}, {args.img_size}x{args.img_size}, float32, {warmup} warm-up + {steps} measured steps '
-          f'per process, one process per row, {args.rounds} round(s); load average at start '
+          f'per process, one process per row, each beside a DeiT-S process and stepped in turn with it, '
+          f'{args.rounds} round(s); load average at start '
           f'{", ".join(f"{v:.2f}" for v in os.getloadavg())}', flush=True)
+    def make_spec(model, mode):
+        return dict(model=model, mode=mode, batch=batch, img_size=args.img_size, threads=args.threads)
+
     rounds = []
     started = time.time()
     for _ in range(args.rounds):
-        results = {}
-        for model, mode in jobs:
-            spec = dict(model=model, mode=mode, batch=batch, img_size=args.img_size, warmup=warmup,
-                        steps=steps, threads=args.threads)
-            results[(model, mode)] = run_child(spec, args.timeout)
-        rounds.append(results)
+        rounds.append(run_round(jobs, make_spec, warmup, steps, args.timeout))
     print(f'(measured in {time.time() - started:.0f} s; load average at end '
           f'{", ".join(f"{v:.2f}" for v in os.getloadavg())})\n')
 
     rows = summarise(rounds, jobs)
     print_table(rows)
     if args.rounds > 1:
-        print('\nPer round (s/step, peak MiB):')
+        print('\nPer round (s/step, peak MiB, step-time ratio to DeiT-S):')
         for row in rows:
             if _ok(row):
-                per = '  '.join(f'{t:.3f} {m:.0f}' if t is not None else 'failed'
-                                for t, m in (p if p else (None, None) for p in row['per_round']))
+                per = '  '.join(
+                    'failed' if p is None else f'{p[0]:.3f} {p[1]:.0f} ' + (f'{r:.2f}x' if r is not None else '-')
+                    for p, r in zip(row['per_round'], row['per_round_ratio']))
                 print(f"  {row['model']:44s} {row['mode']:9s} {per}")
     print('\ns/step, cpu s, peak MiB: medians over rounds; t/..., m/...: time and peak-memory ratios to '
           'deit_small_patch16_224 (deit) and pvt_v2_b2 (pvt), train rows to their train row, eval rows to '
-          'their eval row.')
+          'their eval row; time ratios to DeiT-S are medians over step pairs taken in turn, then over rounds.')
     if not args.quick:
         check_goals(rows)
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(dict(batch=batch, img_size=args.img_size, rows=rows,
-                           rounds=[{f'{k[0]}:{k[1]}': v for k, v in r.items()} for r in rounds]), f, indent=1)
+                           rounds=[dict(results={f'{k[0]}:{k[1]}': v for k, v in results.items()},
+                                       ratios_to_deit={f'{k[0]}:{k[1]}': v for k, v in ratios.items()})
+                                  for results, ratios in rounds]), f, indent=1)
     failed = [r for r in rows if not _ok(r) and not str(r.get('status', '')).startswith('n/a')]
     return 1 if failed else 0
 

@@ -1,7 +1,7 @@
 """The benchmark scripts run end to end (quick mode) and print the table with ratios.
 
 No timing goal is asserted: CI machines are too noisy for that. ``python benchmarks/bench.py``
-(full mode) reports the goals; see docs_benchmarks.md.
+(full mode) reports the goals; the README quotes its output.
 """
 import json
 import re
@@ -77,3 +77,35 @@ def test_goal_check_formatting(capsys):
     assert re.search(r'binaryvit_small_patch4_224 train time\s+<= 2\.50x: 1\.90x  MET', out)
     assert re.search(r'binary_deit_small_gap_mb_affine_patch16_224 train time\s+<= 1\.30x: 1\.35x  NOT MET', out)
     assert 'All goals met: no' in out
+
+
+def test_summary_ratios_from_lockstep_rounds():
+    """Ratios to DeiT-S are the lockstep ones of each round; to PVT-v2-b2 they go through PVT's own ratio to
+    DeiT-S in the same round; every figure is the median over rounds."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def row(model, t, m):
+        return dict(model=model, mode='train', status='ok', time=t, cpu=2 * t, mem=m, batch=16)
+
+    rounds = []
+    for deit_t, pvt_ratio, bin_ratio in ((2.0, 1.6, 1.2), (3.0, 1.8, 1.4), (2.5, 1.7, 1.1)):
+        results = {(bench.DEIT, 'train'): row(bench.DEIT, deit_t, 2000.),
+                   (bench.PVT, 'train'): row(bench.PVT, deit_t * pvt_ratio, 3600.),
+                   (bench.BINARY_DEIT, 'train'): row(bench.BINARY_DEIT, deit_t * bin_ratio, 2800.)}
+        ratios = {(bench.DEIT, 'train'): (1.0, 1.0), (bench.PVT, 'train'): (pvt_ratio, 1.8),
+                  (bench.BINARY_DEIT, 'train'): (bin_ratio, 1.4)}
+        rounds.append((results, ratios))
+    jobs = [(bench.DEIT, 'train'), (bench.PVT, 'train'), (bench.BINARY_DEIT, 'train')]
+    rows = {r['model']: r for r in bench.summarise(rounds, jobs)}
+    binary = rows[bench.BINARY_DEIT]
+    assert binary['ratios'][bench.DEIT] == (pytest.approx(1.2), pytest.approx(1.4))
+    # per round 1.2 / 1.6, 1.4 / 1.8, 1.1 / 1.7: median 0.75
+    assert binary['ratios'][bench.PVT][0] == pytest.approx(0.75)
+    assert binary['time'] == pytest.approx(2.75) and binary['per_round_ratio'] == [1.2, 1.4, 1.1]
+    assert rows[bench.DEIT]['ratios'][bench.DEIT] == (1.0, 1.0)
+    assert rows[bench.DEIT]['ratios'][bench.PVT][0] == pytest.approx(1 / 1.7)
+    assert rows[bench.PVT]['ratios'][bench.PVT] == (pytest.approx(1.0), pytest.approx(1.0))
