@@ -221,13 +221,11 @@ class Child:
             self.proc.stdin.flush()
         except OSError:
             self._fail('input closed')
-        kind, payload = self._answer()
+        _, payload = self._answer()
         if command == 'step':
             wall, cpu = map(float, payload.split())
             self.times.append(wall)
             self.cpu_times.append(cpu)
-            return wall
-        return None
 
     def finish(self) -> dict:
         """End the process; its result: the spec, the step times and its peak resident memory."""

@@ -55,6 +55,15 @@ def test_quick_mode_json(quick_run):
     assert binary['status'] == 'ok' and binary['params'] > 20e6
 
 
+def _import_bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench
+    finally:
+        sys.path.remove(str(BENCH))
+    return bench
+
+
 @pytest.mark.parametrize('script', ['bench.py', 'bench_train.py', 'bench_eval.py'])
 def test_scripts_have_help(script):
     proc = subprocess.run([sys.executable, str(BENCH / script), '--help'], capture_output=True, text=True,
@@ -63,11 +72,7 @@ def test_scripts_have_help(script):
 
 
 def test_goal_check_formatting(capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(BENCH))
+    bench = _import_bench()
     rows = [
         dict(model=bench.BINARYVIT, mode='train', status='ok', ratios={bench.DEIT: (1.9, 1.4)}),
         dict(model=bench.BINARY_DEIT, mode='train', status='ok', ratios={bench.DEIT: (1.35, 1.2)}),
@@ -82,11 +87,7 @@ def test_goal_check_formatting(capsys):
 def test_summary_ratios_from_lockstep_rounds():
     """Ratios to DeiT-S are the lockstep ones of each round; to PVT-v2-b2 they go through PVT's own ratio to
     DeiT-S in the same round; every figure is the median over rounds."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(BENCH))
+    bench = _import_bench()
 
     def row(model, t, m):
         return dict(model=model, mode='train', status='ok', time=t, cpu=2 * t, mem=m, batch=16)

@@ -185,13 +185,10 @@ def test_train_with_autoload_hook(scripts, options, digits, tmp_path):
     _check_train_outputs(tmp_path / 'autoload')
 
 
-def test_validate(scripts, options, digits, trained, tmp_path):
-    checkpoint, _ = trained
-    opts = options['validate.py']
-    extra, autoload = _script_registration(opts, 'validate.py')
-    results = tmp_path / 'validate.csv'
-    argv = _argv(opts, 'validate.py', [
-        ('data_dir', str(digits)),
+def _eval_args(data_dir, checkpoint):
+    # what validate.py and inference.py both need: the data, the trained reduced pyramid, a small CPU batch
+    return [
+        ('data_dir', str(data_dir)),
         ('model', PYRAMID),
         ('model_kwargs', PYRAMID_KWARGS),
         ('num_classes', NUM_CLASSES),
@@ -199,8 +196,16 @@ def test_validate(scripts, options, digits, trained, tmp_path):
         ('checkpoint', str(checkpoint)),
         ('batch_size', 8),
         ('workers', 0),
-        ('results_file', str(results)),
-    ], [('split', 'validation'), ('device', 'cpu'), ('no_prefetcher', True)]) + extra
+    ]
+
+
+def test_validate(scripts, options, digits, trained, tmp_path):
+    checkpoint, _ = trained
+    opts = options['validate.py']
+    extra, autoload = _script_registration(opts, 'validate.py')
+    results = tmp_path / 'validate.csv'
+    argv = _argv(opts, 'validate.py', _eval_args(digits, checkpoint) + [('results_file', str(results))],
+                 [('split', 'validation'), ('device', 'cpu'), ('no_prefetcher', True)]) + extra
     output = _run(scripts['validate.py'], argv, tmp_path, autoload)
     assert 'top1' in output.lower() or 'acc@1' in output.lower(), output[-3000:]
     assert results.is_file()
@@ -212,16 +217,7 @@ def test_inference(scripts, options, digits, trained, tmp_path):
     opts = options['inference.py']
     extra, autoload = _script_registration(opts, 'inference.py')
     results_dir = tmp_path / 'inference'
-    required = [
-        ('data_dir', str(digits / 'validation')),
-        ('model', PYRAMID),
-        ('model_kwargs', PYRAMID_KWARGS),
-        ('num_classes', NUM_CLASSES),
-        ('input_size', [3, IMG, IMG]),
-        ('checkpoint', str(checkpoint)),
-        ('batch_size', 8),
-        ('workers', 0),
-    ]
+    required = _eval_args(digits / 'validation', checkpoint)
     if 'results_dir' in opts:
         required += [('results_dir', str(results_dir))]
         optional = [('results_file', 'topk'), ('results_format', 'csv'), ('topk', 3), ('device', 'cpu'),

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -105,39 +106,32 @@ def _wanted(rel: str) -> bool:
     return parts[0] == 'tests'
 
 
-def _extract_tar(data: bytes, dest: Path) -> List[str]:
-    """Extract the wanted members of a ``.tar.gz`` whose members all sit under one top folder."""
+def _extract_members(members, dest: Path) -> List[str]:
+    """Write the wanted ones of an archive's regular files, given as ``(name, open function)`` with every
+    name under one top folder, into ``dest``; the names written, relative to that folder."""
     names = []
-    with tarfile.open(fileobj=io.BytesIO(data), mode='r:gz') as tf:
-        for member in tf.getmembers():
-            if not member.isfile():
-                continue
-            rel = member.name.split('/', 1)[1] if '/' in member.name else ''
-            if not _wanted(rel):
-                continue
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tf.extractfile(member) as src, open(target, 'wb') as out:
-                shutil.copyfileobj(src, out)
-            names.append(rel)
+    for name, open_member in members:
+        rel = name.split('/', 1)[1] if '/' in name else ''
+        if not _wanted(rel):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open_member() as src, open(target, 'wb') as out:
+            shutil.copyfileobj(src, out)
+        names.append(rel)
     return names
+
+
+def _extract_tar(data: bytes, dest: Path) -> List[str]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode='r:gz') as tf:
+        return _extract_members(
+            ((m.name, functools.partial(tf.extractfile, m)) for m in tf.getmembers() if m.isfile()), dest)
 
 
 def _extract_zip(data: bytes, dest: Path) -> List[str]:
-    names = []
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
-        for info in zf.infolist():
-            if info.is_dir():
-                continue
-            rel = info.filename.split('/', 1)[1] if '/' in info.filename else ''
-            if not _wanted(rel):
-                continue
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, open(target, 'wb') as out:
-                shutil.copyfileobj(src, out)
-            names.append(rel)
-    return names
+        return _extract_members(
+            ((i.filename, functools.partial(zf.open, i)) for i in zf.infolist() if not i.is_dir()), dest)
 
 
 def _pip_download_sdist(version: str, dest: Path) -> None:
