@@ -637,7 +637,8 @@ class BinaryMlp(nn.Module):
     """
     #: fused path on the CPU: up to this many hidden values (tokens x E * C) the FFN runs in one
     #: piece, with larger (faster) matrix products and a few transient hidden-sized tensors: DeiT-S
-    #: at batch 16 (4.8M) trains about 10% faster this way than in chunks, for about 5% more peak memory.
+    #: at batch 16 (4.8M) trains faster this way than in chunks, for more peak memory (see the
+    #: README's `benchmarks/bench.py` figures).
     #: Beyond, in chunks of about ``chunk_elements`` hidden values (2 MiB of float32, so that a
     #: chunk's temporaries stay in the caches and are reused rather than freshly allocated: fresh
     #: memory costs page faults, which two threads take in turn)
