@@ -5,7 +5,7 @@ LayerNorm replaced by a token BatchNorm). Each later row adds one of the paper's
 changes: global average pooling instead of the class token (row 2), multi-branch
 pooling (row 3), an affine transformation before each main residual addition (row 4).
 """
-from typing import List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -121,6 +121,18 @@ class BinaryDeiT(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def model_args(self) -> Dict[str, Any]:
+        """The JSON-serialisable constructor arguments that rebuild this architecture (drop rates aside:
+        they do not change it). Read from the model, so they follow ``reset_classifier``."""
+        return dict(
+            img_size=[int(v) for v in self.img_size], in_chans=int(self.in_chans),
+            num_classes=int(self.num_classes), global_pool=str(self.global_pool), patch_size=int(self.patch_size),
+            embed_dim=int(self.embed_dim), depth=len(self.blocks), num_heads=int(self.num_heads),
+            mlp_ratio=int(self.mlp_ratio), class_token=self.num_prefix_tokens > 0,
+            multi_branch_pool=bool(self.multi_branch_pool), affine=bool(self.affine),
+        )
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

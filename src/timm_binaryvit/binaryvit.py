@@ -8,7 +8,7 @@ Four stages of binary transformer layers (widths 64-128-256-512, depths 3-4-8-4)
 2x2 convolution with a pooled, channel-repeated shortcut) or full-precision. The exact
 computation is ``shared/design/ARCHITECTURE.md``.
 """
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -257,6 +257,22 @@ class BinaryViT(nn.Module):
     def _check_input(self, x: torch.Tensor):
         if not torch.jit.is_scripting():
             check_image_input(x, self.in_chans, self.img_size, 'BinaryViT')
+
+    @torch.jit.ignore
+    def model_args(self) -> Dict[str, Any]:
+        """The JSON-serialisable constructor arguments that rebuild this architecture (drop rates aside:
+        they do not change it). Read from the model, so they follow ``reset_classifier``."""
+        if len(self.stages) != len(self.depths):
+            raise ValueError(
+                f'this BinaryViT was pruned to {len(self.stages)} of {len(self.depths)} stages '
+                f'(prune_intermediate_layers); a pruned model cannot be rebuilt from its arguments')
+        return dict(
+            img_size=[int(v) for v in self.img_size], in_chans=int(self.in_chans),
+            num_classes=int(self.num_classes), global_pool=str(self.global_pool), patch_size=int(self.patch_size),
+            embed_dims=[int(v) for v in self.embed_dims], depths=[int(v) for v in self.depths],
+            num_heads=[int(v) for v in self.num_heads], mlp_ratios=[int(v) for v in self.mlp_ratios],
+            sr_ratios=[int(v) for v in self.sr_ratios], fp_transitions=bool(self.fp_transitions),
+        )
 
     def forward_intermediates(
             self,
