@@ -1,9 +1,12 @@
 """The fused training path (custom autograd functions in layers.py / blocks.py) computes what the
-module-by-module path computes: outputs, every gradient, BatchNorm running statistics, in float64.
+module-by-module path and the stock-autograd path compute: outputs, every gradient, BatchNorm running
+statistics, in float64.
 
-The module-by-module path is forced with a global forward hook (``fusable`` refuses to fuse when
-hooks are registered, so that they fire). The reference test (test_reference.py) ties the
-default path to the authors' code.
+Two references: the module-by-module path, forced with a global forward hook (``fusable`` refuses to
+fuse when hooks are registered, so that they fire), which still runs the leaf layers' custom autograd
+functions; and ``layers.stock_operators()``, where every layer runs the quantizers' straight-through
+compositions of stock operators and plain autograd differentiates them, sharing no backward code with
+the custom functions. The reference test (test_reference.py) ties the default path to the authors' code.
 """
 import contextlib
 
@@ -12,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import timm
-from timm_binaryvit import blocks, layers
+from timm_binaryvit import blocks, kernels, layers
 from timm_binaryvit.blocks import BinaryMlp, Block
 from timm_binaryvit.layers import BinaryLinear, TokenBatchNorm
 
@@ -104,6 +107,16 @@ def test_fused_matches_modules(name):
     _compare(*_fused_and_modules(name))
 
 
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('name', sorted(TINY))
+def test_custom_autograd_matches_stock_autograd(name, train):
+    x = torch.randn(3, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    custom = _run(_perturbed(name), x, train=train)
+    with layers.stock_operators():
+        stock = _run(_perturbed(name), x, train=train)
+    _compare(custom, stock)
+
+
 def test_fused_matches_modules_eval_mode_backward():
     # Running statistics in the BatchNorms (fine-tuning with frozen statistics): other formulas.
     _compare(*_fused_and_modules('binaryvit_small_patch4_224', train=False))
@@ -127,8 +140,9 @@ def test_chunked_ffn_matches_whole(train):
 def test_int8_products_match_float_products():
     name = 'binary_deit_small_gap_mb_affine_patch16_224'
     x = torch.randn(3, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    int8 = _run(_perturbed(name), x)
-    with setting(layers, 'USE_INT8_MATMUL', False):
+    with kernels.kernel_mode('int8'):
+        int8 = _run(_perturbed(name), x)
+    with kernels.kernel_mode('float'):
         plain = _run(_perturbed(name), x)
     _compare(int8, plain)
 
@@ -230,12 +244,23 @@ def test_token_batchnorm_frozen_stats_in_fused_path():
     assert batch and int(norm.bn.num_batches_tracked) == 1
 
 
-def test_binary_linear_int8_matches_float():
+@pytest.mark.parametrize('mode', ['int8', 'float'])
+def test_binary_linear_matches_stock_autograd(mode):
     lin = BinaryLinear(24, 40, dtype=torch.float32)
+    with torch.no_grad():
+        lin.shift.normal_(0, 0.3)
+        lin.weight.normal_(0, 0.8)  # some centred weights beyond the clipping bounds
     x = torch.randn(5, 7, 24, requires_grad=True)
-    y = lin(x)
-    y.backward(torch.ones_like(y))
-    with setting(layers, 'USE_INT8_MATMUL', False):
-        x2 = x.detach().clone().requires_grad_()
-        y2 = F.linear(torch.sign(x2 + lin.shift), lin.binary_weight())
-    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
+    g = torch.randn(5, 7, 40)
+    with kernels.kernel_mode(mode):
+        y = lin(x)
+    y.backward(g)
+    custom = (y.detach(), x.grad.clone(), lin.shift.grad.clone(), lin.weight.grad.clone())
+    x.grad = lin.shift.grad = lin.weight.grad = None
+    with layers.stock_operators():
+        y2 = lin(x)
+    y2.backward(g)
+    stock = (y2.detach(), x.grad, lin.shift.grad, lin.weight.grad)
+    assert lin.weight.grad.abs().sum() > 0 and lin.shift.grad.abs().sum() > 0
+    for a, b in zip(custom, stock):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .blocks import Block, PatchEmbed, check_image_input, checkpoint_block, tokens_to_grid
+from .blocks import Block, PatchEmbed, check_image_input, checkpoint_block, tokens_to_grid, with_input_size_cfg
 from .binaryvit import _cfg as _pyramid_cfg
 from .convert import checkpoint_filter_fn
 from .layers import TokenBatchNorm
@@ -239,6 +239,7 @@ class BinaryDeiT(nn.Module):
 
 def _create_binary_deit(variant: str, pretrained: bool = False, **kwargs) -> BinaryDeiT:
     out_indices = kwargs.pop('out_indices', 3)
+    kwargs = with_input_size_cfg(kwargs)
     return build_model_with_cfg(
         BinaryDeiT,
         variant,

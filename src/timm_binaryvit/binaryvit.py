@@ -19,7 +19,8 @@ from timm.layers import to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .blocks import Block, PatchEmbed, check_image_input, checkpoint_block, grid_to_tokens, tokens_to_grid
+from .blocks import (
+    Block, PatchEmbed, check_image_input, checkpoint_block, grid_to_tokens, tokens_to_grid, with_input_size_cfg)
 from .convert import checkpoint_filter_fn
 from .layers import BinaryConv2d, RPReLU, TokenBatchNorm
 
@@ -352,6 +353,7 @@ class BinaryViT(nn.Module):
 
 def _create_binaryvit(variant: str, pretrained: bool = False, **kwargs) -> BinaryViT:
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (3, 4, 8, 4))))))
+    kwargs = with_input_size_cfg(kwargs)
     return build_model_with_cfg(
         BinaryViT,
         variant,

@@ -35,16 +35,15 @@ from torch import nn
 from timm.layers import DropPath, register_notrace_function
 
 from .layers import (
-    Affine, BinaryActivation, BinaryLinear, ElasticBinarizer, RPReLU, TokenBatchNorm, frozen_batchnorm_stats,
-    binary_linear, norm_add_rprelu, fusable, use_int8_matmul, batchnorm_forward, batchnorm_backward,
-    batchnorm_uses_batch_stats)
-from .layers import (
-    _check_batch_size, _closed_interval_grad, _dot, _linear_weight_grad, _linear_weight_signs, _prelu_backward, _rows,
-    _running_stats_target, _shifted_bias)
+    Affine, BinaryActivation, BinaryLinear, ElasticBinarizer, FusedPath, RPReLU, TokenBatchNorm,
+    frozen_batchnorm_stats, binary_linear, norm_add_rprelu, batchnorm_forward, batchnorm_backward,
+    batchnorm_uses_batch_stats, sign_mm_kind, sign_product)
+from .layers import _check_batch_size, _prelu_backward, _rows, _running_stats_target, _shifted_bias
+from .quantizers import approx_sign_backward_, centred_sign_backward, centred_sign_factors, elastic_backward
 
 __all__ = [
     'BinaryUnit', 'BinaryAttention', 'BinaryMlp', 'MultiBranchPool', 'Block', 'PatchEmbed',
-    'checkpoint_block', 'check_image_input', 'tokens_to_grid', 'grid_to_tokens',
+    'checkpoint_block', 'check_image_input', 'with_input_size_cfg', 'tokens_to_grid', 'grid_to_tokens',
     'binary_attention_product', 'binary_ffn', 'pool_branches',
 ]
 
@@ -100,12 +99,9 @@ class _BinaryAttentionProduct(torch.autograd.Function):
             grad_v = torch.matmul(gh.transpose(-2, -1), binary).mul_(scale)  # (B, h, d, Nk)
             grad_v = grad_v.permute(0, 3, 1, 2).reshape(B, Nk, h * d)
         grad_binary = torch.matmul(gh, vh.to(dtype).transpose(-2, -1))  # gradient w.r.t. P_b
-        # Elastic binariser (see layers._elastic_backward), reusing the attention-sized buffers.
-        grad_scale = _dot(grad_binary, binary) if need[3] else None
-        grad_p = _closed_interval_grad(grad_binary, q, 0., 1., out=binary)
+        # The elastic binariser's pseudo-gradient, reusing the attention-sized buffers.
+        grad_p, grad_scale = elastic_backward(grad_binary, p, scale, need[3], binary=binary, q=q, out=binary)
         del grad_binary
-        if grad_scale is not None:
-            grad_scale = (grad_scale - _dot(grad_p, q)).reshape(scale.shape)
         grad_attn = torch._softmax_backward_data(grad_p, p, -1, dtype, grad_input=q)
         del grad_p
         grad_q = grad_k = None
@@ -175,13 +171,13 @@ class _BinaryFFN(torch.autograd.Function):
         M, C = w2.shape
         H = E * C
         dtype = w2.dtype
-        int8 = use_int8_matmul(w2)
+        int8 = sign_mm_kind(w2, M, C, H) == 'int8'
         whole, rows = _ffn_plan(M, H, w.device)
 
         s1 = (w2 + shift1).sign_()
         s1_int8 = s1.to(torch.int8)
-        signs1, a1 = _linear_weight_signs(weight1)
-        signs2, a2 = _linear_weight_signs(weight2)
+        signs1, a1 = centred_sign_factors(weight1)
+        signs2, a2 = centred_sign_factors(weight2)
         mm_signs1 = signs1.to(torch.int8) if int8 else signs1
         mm_signs2 = signs2.to(torch.int8) if int8 else signs2
         mm_s1 = s1_int8 if int8 else s1
@@ -289,8 +285,8 @@ class _BinaryFFN(torch.autograd.Function):
             grad_v2, y2, mean2, invstd2, bn2_weight, batch2, need[10], sum_v2)
 
         # Recompute the hidden activations chunk by chunk; back through fc2, RPReLU1 and the shortcuts.
-        signs1, a1 = _linear_weight_signs(weight1)
-        signs2, a2 = _linear_weight_signs(weight2)
+        signs1, a1 = centred_sign_factors(weight1)
+        signs2, a2 = centred_sign_factors(weight2)
         mm_signs1 = signs1.to(torch.int8) if int8 else signs1
         gain1 = invstd1 if bn1_weight is None else invstd1 * bn1_weight
         y1_whole = whole and batch1  # the whole-mode forward normalised y1 = prod * a1 with BatchNorm itself
@@ -323,8 +319,7 @@ class _BinaryFFN(torch.autograd.Function):
             u = F.prelu(z, act1_slope).add_(threshold2)  # t + b2
             gy2 = grad_y2[r0:r1]
             grad_weight2_binary.addmm_(gy2.t(), torch.sign(u))
-            gt = torch.mm(gy2, weight2_x2)
-            gt.addcmul_(gt, u.clamp_(-1, 1).abs_(), value=-1)  # through sign(t + b2): ApproxSign
+            gt = approx_sign_backward_(torch.mm(gy2, weight2_x2), u, doubled=True)  # through sign(t + b2)
             del u
             grad_shift2.add_(gt.sum(0))
             gt.view(m, C, E).add_(grad_v2[r0:r1].unsqueeze(-1), alpha=1. / E)  # through pool(t)
@@ -365,16 +360,15 @@ class _BinaryFFN(torch.autograd.Function):
                 kmat = weight1_binary.t() @ (e.unsqueeze(1) * weight1_binary)
                 grad_s1.addmm_(s1_int8.to(dtype), kmat, alpha=-1).add_(weight1_binary.t() @ k)
         # Through sign(w + b1) (ApproxSign) and the repeat shortcut.
-        h = (w2 + shift1).clamp_(-1, 1).abs_()
-        grad_s1.mul_(2).addcmul_(grad_s1, h, value=-1)
+        approx_sign_backward_(grad_s1.mul_(2), w2 + shift1, doubled=True)
         grad_shift1 = grad_s1.sum(0) if need[1] else None
         grad_w = grad_s1.add_(grad_repeat).view(w.shape)
         return (grad_w, grad_shift1,
-                _linear_weight_grad(weight1, grad_weight1_binary) if need[2] else None,
+                centred_sign_backward(weight1, grad_weight1_binary) if need[2] else None,
                 grad_bn1_weight, sum_z if need[4] else None, -sum_z if need[5] else None,
                 grad_slope1 if need[6] else None, grad_act1_out if need[7] else None,
                 grad_shift2 if need[8] else None,
-                _linear_weight_grad(weight2, grad_weight2_binary) if need[9] else None,
+                centred_sign_backward(weight2, grad_weight2_binary) if need[9] else None,
                 grad_bn2_weight, grad_bn2_bias if need[11] else None, -sum_v2 if need[12] else None,
                 grad_slope2, grad_act2_out, grad_alpha, grad_beta,
                 grad_out.view(w.shape) if has_residual and need[17] else None, None)
@@ -500,7 +494,8 @@ class BinaryUnit(nn.Module):
         y = binary_linear(x, self.linear.shift, self.linear.weight)
         return norm_add_rprelu(y, x, self.norm, act, sign=sign, affine=affine)
 
-    def _fusable_structure(self) -> bool:
+    @torch.jit.unused
+    def fused_structure(self) -> bool:
         return type(self.linear) is BinaryLinear and type(self.norm) is TokenBatchNorm
 
 
@@ -508,7 +503,7 @@ def _is(module, cls) -> bool:
     return type(module) is cls
 
 
-class BinaryAttention(nn.Module):
+class BinaryAttention(FusedPath):
     """Binary multi-head self-attention with optional key/value reduction (steps 1-9 of section 2).
 
     Queries, keys and values are binary units followed by RPReLU; their signs (after a second
@@ -553,21 +548,16 @@ class BinaryAttention(nn.Module):
         return x.view(B, N, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_modules(x, feat_size)
-        return self._forward_any(x, feat_size)
+        if self.use_fused(x):
+            return self.forward_fused(x, feat_size, None, None)
+        return self.forward_modules(x, feat_size)
 
     @torch.jit.unused
-    def _forward_any(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        if self._fusable_structure() and fusable(x, self):
-            return self.forward_fused(x, feat_size)
-        return self._forward_modules(x, feat_size)
-
-    def _fusable_structure(self) -> bool:
+    def fused_structure(self) -> bool:
         units = [self.q, self.k, self.v, self.proj] + ([self.kv_reduce] if self.kv_reduce is not None else [])
         acts = [self.act_q, self.act_k, self.act_v, self.act_ctx, self.act_proj] + (
             [self.act_kv_reduce] if self.kv_reduce is not None else [])
-        return (all(_is(u, BinaryUnit) and u._fusable_structure() for u in units)
+        return (all(_is(u, BinaryUnit) and u.fused_structure() for u in units)
                 and all(_is(a, RPReLU) for a in acts)
                 and all(_is(s, BinaryActivation) for s in (self.sign_q, self.sign_k, self.sign_v))
                 and _is(self.prob_binarizer, ElasticBinarizer) and _is(self.norm_ctx, TokenBatchNorm))
@@ -598,7 +588,7 @@ class BinaryAttention(nn.Module):
         y = binary_linear(m, self.proj.linear.shift, self.proj.linear.weight)
         return norm_add_rprelu(y, m, self.proj.norm, self.act_proj, affine=affine, residual=residual)
 
-    def _forward_modules(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+    def forward_modules(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         B, N, C = x.shape
         qa = self.act_q(self.q(x, x))
         if self.kv_reduce is not None and self.act_kv_reduce is not None:
@@ -612,9 +602,9 @@ class BinaryAttention(nn.Module):
         q = self._split_heads(self.sign_q(qa))
         k = self._split_heads(self.sign_k(ka))
         v = self._split_heads(self.sign_v(va))
-        attn = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        attn = sign_product('matmul', q, k.transpose(-2, -1)) / math.sqrt(self.head_dim)
         attn = self.prob_binarizer(attn.softmax(dim=-1))
-        ctx = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        ctx = sign_product('matmul', attn, v).transpose(1, 2).reshape(B, N, C)
 
         if self.kv_reduce is not None:
             # Nearest upsampling is a copy, so upsampling the sum equals summing the upsampled.
@@ -627,7 +617,7 @@ class BinaryAttention(nn.Module):
         return self.act_proj(self.proj(m, m))
 
 
-class BinaryMlp(nn.Module):
+class BinaryMlp(FusedPath):
     """Binary FFN with channel-repeat and channel-pool shortcuts (section 2, FFN).
 
     ``t = RPReLU(U_1(w, [w, w, ..., w]))`` expands ``C -> E*C`` with ``E`` copies of the input
@@ -659,36 +649,34 @@ class BinaryMlp(nn.Module):
         self.act2 = RPReLU(dim, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_modules(x)
-        return self._forward_any(x)
+        if self.use_fused(x):
+            return self.forward_fused(x)
+        return self.forward_modules(x)
 
     @torch.jit.unused
-    def _forward_any(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fusable_structure() and fusable(x, self):
-            return binary_ffn(x, self)
-        return self._forward_modules(x)
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path: the same values and gradients as :meth:`forward_modules`."""
+        return binary_ffn(x, self)
 
-    def _fusable_structure(self) -> bool:
-        return (_is(self.fc1, BinaryUnit) and self.fc1._fusable_structure() and _is(self.fc2, BinaryUnit)
-                and self.fc2._fusable_structure() and _is(self.act1, RPReLU) and _is(self.act2, RPReLU))
+    @torch.jit.unused
+    def fused_structure(self) -> bool:
+        return (_is(self.fc1, BinaryUnit) and self.fc1.fused_structure() and _is(self.fc2, BinaryUnit)
+                and self.fc2.fused_structure() and _is(self.act1, RPReLU) and _is(self.act2, RPReLU))
 
-    def _forward_modules(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_modules(self, x: torch.Tensor) -> torch.Tensor:
         t = self.fc1(x).unflatten(-1, (self.expansion, self.dim)) + x.unsqueeze(-2)
         t = self.act1(t.flatten(-2))
         pooled = t.unflatten(-1, (self.dim, self.expansion)).mean(-1)
         return self.act2(self.fc2(t, pooled))
 
 
-class MultiBranchPool(nn.Module):
+class MultiBranchPool(FusedPath):
     """Multi-branch average pooling (the paper's convolutional inductive bias for binary ViTs).
 
     Four stride-1 average pools over the token grid, ``3x1``, ``1x3``, ``5x1`` and ``1x5``
     (``kH x kW``), zero padding that keeps the size and counts in the average, each through
     its own :class:`Affine` initialised to zero, summed. The fused path is :func:`pool_branches`.
     """
-    kernels = {'h3': (3, 1), 'w3': (1, 3), 'h5': (5, 1), 'w5': (1, 5)}
-
     def __init__(self, dim: int, device=None, dtype=None):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -698,20 +686,20 @@ class MultiBranchPool(nn.Module):
         self.w5 = Affine(dim, init_alpha=0., **dd)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_modules(x, feat_size)
-        return self._forward_any(x, feat_size)
+        if self.use_fused(x):
+            return self.forward_fused(x, feat_size)
+        return self.forward_modules(x, feat_size)
 
     @torch.jit.unused
-    def _forward_any(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        if self._fusable_structure() and fusable(x, self):
-            return pool_branches(None, x, feat_size, self)
-        return self._forward_modules(x, feat_size)
+    def forward_fused(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """The fused path: the same values and gradients as :meth:`forward_modules`."""
+        return pool_branches(None, x, feat_size, self)
 
-    def _fusable_structure(self) -> bool:
+    @torch.jit.unused
+    def fused_structure(self) -> bool:
         return all(_is(a, Affine) for a in (self.h3, self.w3, self.h5, self.w5))
 
-    def _forward_modules(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+    def forward_modules(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         grid = tokens_to_grid(x, feat_size)
         out = self.h3(grid_to_tokens(F.avg_pool2d(grid, (3, 1), 1, (1, 0))))
         out = out + self.w3(grid_to_tokens(F.avg_pool2d(grid, (1, 3), 1, (0, 1))))
@@ -720,7 +708,7 @@ class MultiBranchPool(nn.Module):
         return out
 
 
-class Block(nn.Module):
+class Block(FusedPath):
     """One binary transformer layer: attention and FFN, each behind a token BatchNorm, with the
     optional affine before each main residual addition and the optional pooling branches."""
 
@@ -749,26 +737,21 @@ class Block(nn.Module):
         self.pool = MultiBranchPool(dim, **dd) if multi_branch_pool else None
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self._forward_modules(x, feat_size)
-        return self._forward_any(x, feat_size)
+        if self.use_fused(x):
+            return self.forward_fused(x, feat_size)
+        return self.forward_modules(x, feat_size)
 
     @torch.jit.unused
-    def _forward_any(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
-        if self._fusable_structure() and fusable(x, self):
-            return self._forward_fused(x, feat_size)
-        return self._forward_modules(x, feat_size)
-
-    def _fusable_structure(self) -> bool:
+    def fused_structure(self) -> bool:
         return (_is(self.norm1, TokenBatchNorm) and _is(self.norm2, TokenBatchNorm)
-                and _is(self.attn, BinaryAttention) and self.attn._fusable_structure()
-                and _is(self.mlp, BinaryMlp) and self.mlp._fusable_structure()
+                and _is(self.attn, BinaryAttention) and self.attn.fused_structure()
+                and _is(self.mlp, BinaryMlp) and self.mlp.fused_structure()
                 and all(_is(a, Affine) or _is(a, nn.Identity) for a in (self.affine1, self.affine2))
                 and all(_is(d, DropPath) or _is(d, nn.Identity) for d in (self.drop_path1, self.drop_path2))
-                and (self.pool is None or (_is(self.pool, MultiBranchPool) and self.pool._fusable_structure())))
+                and (self.pool is None or (_is(self.pool, MultiBranchPool) and self.pool.fused_structure())))
 
     @torch.jit.unused
-    def _forward_fused(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+    def forward_fused(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         affine1 = self.affine1 if isinstance(self.affine1, Affine) else None
         affine2 = self.affine2 if isinstance(self.affine2, Affine) else None
         if isinstance(self.drop_path1, nn.Identity):
@@ -784,7 +767,7 @@ class Block(nn.Module):
             x = pool_branches(x, w, feat_size, self.pool)
         return x
 
-    def _forward_modules(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+    def forward_modules(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         x = x + self.drop_path1(self.affine1(self.attn(self.norm1(x), feat_size)))
         w = self.norm2(x)
         x = x + self.drop_path2(self.affine2(self.mlp(w)))
@@ -830,8 +813,23 @@ def check_image_input(x: torch.Tensor, in_chans: int, img_size: Tuple[int, int],
         if x.ndim == 4 and x.shape[1] != in_chans:
             hint = f' The model was built with in_chans={in_chans}.'
         elif x.ndim == 4:
-            hint = (f' Its position embeddings are fixed to img_size={img_size[0]}x{img_size[1]};'
-                    f' build it with img_size=({x.shape[2]}, {x.shape[3]}) for that input.')
+            hint = (f' The model was built with img_size=({img_size[0]}, {img_size[1]}) and its position embeddings'
+                    f' are fixed to it: resize the input to {img_size[0]}x{img_size[1]} (timm scripts:'
+                    f' --input-size {in_chans} {img_size[0]} {img_size[1]}), or build the model with'
+                    f' img_size=({x.shape[2]}, {x.shape[3]}) for this input.')
         raise ValueError(
             f'{model_name} expects input of shape (B, {expected[0]}, {expected[1]}, {expected[2]}),'
             f' got {tuple(x.shape)}.{hint}')
+
+
+def with_input_size_cfg(kwargs: dict) -> dict:
+    """``kwargs`` for timm's ``build_model_with_cfg`` with ``pretrained_cfg['input_size']`` following the
+    ``img_size`` and ``in_chans`` the model is built with, so that timm's ``resolve_data_config`` (and so
+    ``train.py``, ``validate.py``, ``inference.py``) feeds it images of that size by itself."""
+    if kwargs.get('img_size') is None and kwargs.get('in_chans') is None:
+        return kwargs
+    img_size = kwargs.get('img_size') or 224
+    height, width = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+    overlay.setdefault('input_size', (int(kwargs.get('in_chans') or 3), int(height), int(width)))
+    return dict(kwargs, pretrained_cfg_overlay=overlay)

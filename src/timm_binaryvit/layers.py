@@ -1,19 +1,22 @@
-"""Binary building blocks of BinaryViT (Le & Li, CVPR 2023 Workshops, arXiv 2306.16678).
+"""Binary layers of BinaryViT (Le & Li, CVPR 2023 Workshops, arXiv 2306.16678) and the one dispatch
+that decides how they run.
 
-Every block states its forward rule and the pseudo-gradient it trains with, and
-names the paper it comes from. The exact rules are those of
-``shared/design/ARCHITECTURE.md`` section 1, which follow the authors' code.
+Every layer states its forward rule and the pseudo-gradient it trains with, and names the paper it
+comes from; the binarisers themselves (ApproxSign, the weight signs, the elastic binariser) are
+written once, in :mod:`timm_binaryvit.quantizers`. Each layer runs one of two ways, chosen by
+:func:`use_custom_autograd`:
 
-The heavy primitives are custom autograd functions rather than compositions of
-stock operators: they save only the real-valued input and recompute signs,
-masks and binarised weights in the backward pass, where the stock composition
-would keep a float copy of every intermediate. The arithmetic is unchanged.
+* custom autograd functions (eager float32 / float64 on the CPU or CUDA): they save only the
+  real-valued input and recompute signs and binarised weights in the backward pass, and run each
+  product of signs with the kernel :mod:`timm_binaryvit.kernels` chose for this machine;
+* the straight-through compositions of stock operators of :mod:`timm_binaryvit.quantizers`
+  (TorchScript, ``torch.compile``, autocast, tracing and ONNX export, other dtypes): the same values
+  and the same pseudo-gradients, in operators every tool understands. Under autocast the products
+  of signs run in float32, where they are exact for any fan-in (see :func:`sign_product`).
 
-Each module has a plain-operator path used under TorchScript, which cannot
-compile ``torch.autograd.Function``; it computes the same forward values.
+Whole blocks have a third, fused path (:func:`fusable`, :class:`FusedPath`, and :mod:`.blocks`).
 """
 import contextlib
-import functools
 import math
 import threading
 from typing import Optional, Tuple
@@ -24,34 +27,20 @@ from torch import nn
 
 from timm.layers import register_notrace_module
 
-try:
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-except ImportError:  # pragma: no cover - older torch
-    _get_current_dispatch_mode = None
-
-_HAS_INT_MM = hasattr(torch, '_int_mm')
+from . import kernels
+from .quantizers import (
+    approx_sign, approx_sign_backward_, centred_sign_backward, centred_sign_factors, centred_sign_weight,
+    closed_interval_grad, elastic_backward, elastic_binarize_ste, elastic_binarize_value, scaled_sign_backward,
+    scaled_sign_factors, scaled_sign_weight)
 
 __all__ = [
     'approx_sign', 'shifted_sign', 'binarize_linear_weight', 'binarize_conv_weight',
-    'binary_linear', 'binary_conv2d', 'elastic_binarize', 'rprelu',
+    'binary_linear', 'binary_conv2d', 'elastic_binarize', 'rprelu', 'sign_product',
     'BinaryActivation', 'BinaryLinear', 'BinaryConv2d', 'ElasticBinarizer', 'RPReLU',
-    'TokenBatchNorm', 'Affine', 'frozen_batchnorm_stats',
-    'norm_add_rprelu', 'batchnorm_forward', 'batchnorm_stats', 'batchnorm_backward', 'batchnorm_uses_batch_stats',
-    'use_int8_matmul', 'fusable', 'USE_INT8_MATMUL',
+    'TokenBatchNorm', 'Affine', 'frozen_batchnorm_stats', 'FusedPath',
+    'norm_add_rprelu', 'batchnorm_forward', 'batchnorm_backward', 'batchnorm_uses_batch_stats',
+    'fusable', 'use_custom_autograd', 'stock_operators', 'sign_mm_kind',
 ]
-
-
-def _approx_sign_derivative(x: torch.Tensor) -> torch.Tensor:
-    # d/dx of Bi-Real Net's piecewise quadratic: 2 - 2|x| inside [-1, 1], 0 outside.
-    return (2 - 2 * x.abs()).clamp_(min=0)
-
-
-def _approx_sign_grad_(grad: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
-    # grad * (2 - 2|u|) inside [-1, 1], 0 outside (ApproxSign), in three element-wise passes.
-    # ``shifted`` is a scratch tensor that is overwritten; ``grad`` is left unchanged.
-    h = shifted.clamp_(-1, 1).abs_()
-    out = torch.mul(grad, 2)
-    return out.addcmul_(out, h, value=-1)
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -64,34 +53,90 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-#: Binary products (sign times sign, with one scale per output) run as exact int8 x int8 -> int32
-#: matrix products on the CPU (``torch._int_mm``), several times faster than float GEMM. Set to
-#: False to use float matrix products everywhere (the results agree to float rounding; the int8
-#: products are exact before the one final scaling).
-USE_INT8_MATMUL = True
+# ---------------------------------------------------------------------------------------------
+# The dispatch
 
 
 def _dispatch_mode_active() -> bool:
     # Op-level accounting (timm_binaryvit.profile, FlopCounterMode) sees the plain float operators.
-    return _get_current_dispatch_mode is not None and _get_current_dispatch_mode() is not None
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return _get_current_dispatch_mode() is not None
 
 
-def use_int8_matmul(x: torch.Tensor) -> bool:
-    """Whether binary products with ``x`` run as int8 matrix products: CPU, float32 / float64, and
-    no TorchDispatchMode active."""
-    return (USE_INT8_MATMUL and _HAS_INT_MM and x.device.type == 'cpu'
-            and x.dtype in (torch.float32, torch.float64) and not _dispatch_mode_active())
+_stock_only = threading.local()
 
 
-def _binary_matmul(signs: torch.Tensor, sign_weight: torch.Tensor, scale: torch.Tensor, int8: bool,
-                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+@contextlib.contextmanager
+def stock_operators():
+    """Within this context every binary layer runs the straight-through compositions of stock operators:
+    no custom autograd function, no fused path. The tests compare the custom functions with this
+    reference; it is also what TorchScript, ``torch.compile`` and autocast run."""
+    previous = getattr(_stock_only, 'value', False)
+    _stock_only.value = True
+    try:
+        yield
+    finally:
+        _stock_only.value = previous
+
+
+@torch.jit.unused
+def _custom_autograd_allowed(x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if getattr(_stock_only, 'value', False):
+        return False
+    if x.dtype not in (torch.float32, torch.float64) or x.device.type not in ('cpu', 'cuda'):
+        return False
+    return not torch.is_autocast_enabled(x.device.type)
+
+
+def use_custom_autograd(x: torch.Tensor) -> bool:
+    """Whether the binary layers run their custom autograd functions on ``x`` (eager float32 / float64
+    on the CPU or CUDA, no autocast), rather than the straight-through compositions of stock
+    operators (TorchScript, ``torch.compile``, tracing, ONNX export, autocast, other dtypes)."""
+    if torch.jit.is_scripting():
+        return False
+    return _custom_autograd_allowed(x)
+
+
+def sign_mm_kind(x: torch.Tensor, rows: int, fan_in: int, fan_out: int) -> str:
+    """The kernel (``'float'`` or ``'int8'``) that multiplies ``rows x fan_in`` signs by
+    ``fan_out x fan_in`` signs on ``x``'s device, as :func:`timm_binaryvit.kernels.choose` decides."""
+    return kernels.choose('sign_mm', (rows, fan_in, fan_out), x.device, x.dtype)
+
+
+def _sign_mm(signs: torch.Tensor, sign_weight: torch.Tensor, scale: torch.Tensor, kind: str,
+             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``signs @ (scale[:, None] * sign_weight)^T`` for ``signs`` (M, K) and ``sign_weight`` (N, K) in
-    {-1, 0, 1}. With ``int8``, ``signs`` and ``sign_weight`` are int8 and the product is exact."""
-    if int8:
+    {-1, 0, 1}; with ``kind == 'int8'`` both are int8 and the product is exact before the scaling."""
+    if kind == 'int8':
         product = torch._int_mm(signs, sign_weight.t())
         return torch.mul(product, scale, out=out) if out is not None else torch.mul(product, scale)
     weight = sign_weight * scale.unsqueeze(1)
     return torch.mm(signs, weight.t(), out=out) if out is not None else torch.mm(signs, weight.t())
+
+
+@torch.jit.unused
+def _outside_autocast(op, *operands: torch.Tensor) -> torch.Tensor:
+    device = operands[0].device.type
+    if device not in ('cpu', 'cuda', 'xpu') or not torch.is_autocast_enabled(device):
+        return op(*operands)
+    with torch.autocast(device, enabled=False):
+        return op(*[t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in operands])
+
+
+def sign_product(op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``F.linear(a, b)`` (``op='linear'``) or ``a @ b`` (``op='matmul'``) for products of signs on the
+    stock-operator path, in float32 under autocast.
+
+    A sum of ``K`` signs is an integer of at most ``K``: exact in float32 for any fan-in here, in
+    bfloat16 only up to 256 and in float16 up to 2048. Rather than lose exactness for the wide layers
+    (fan-in 1,536 and 2,048), every product of signs leaves autocast; the full-precision layers
+    (stem, head, softmax) follow it as usual.
+    """
+    if torch.jit.is_scripting():
+        return F.linear(a, b) if op == 'linear' else torch.matmul(a, b)
+    return _outside_autocast(F.linear if op == 'linear' else torch.matmul, a, b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,17 +152,8 @@ class _ShiftedSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, shift = ctx.saved_tensors
-        grad_x = _approx_sign_grad_(grad, x + shift)
+        grad_x = approx_sign_backward_(grad, x + shift)
         return grad_x, _sum_to(grad_x, shift.shape) if ctx.needs_input_grad[1] else None
-
-
-def approx_sign(x: torch.Tensor) -> torch.Tensor:
-    """Activation sign with the ApproxSign pseudo-gradient of Bi-Real Net (Liu et al., ECCV 2018).
-
-    Forward: ``sign(x)``, with ``sign(0) = 0``.
-    Backward: ``g * (2 + 2x)`` for ``-1 <= x <= 0``, ``g * (2 - 2x)`` for ``0 < x <= 1``, ``0`` elsewhere.
-    """
-    return _ShiftedSign.apply(x, x.new_zeros(x.shape[-1:]))
 
 
 def shifted_sign(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -125,53 +161,37 @@ def shifted_sign(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
     Forward: ``sign(x + shift)``, ``shift`` broadcast over the last (channel) axis or any
     broadcastable shape.
-    Backward: ApproxSign of ``x + shift`` for ``x``; the same summed over the broadcast axes
-    for ``shift``. Only ``x`` is kept for the backward pass.
+    Backward: ApproxSign (Bi-Real Net) of ``x + shift`` for ``x``; the same summed over the broadcast
+    axes for ``shift``. Only ``x`` is kept for the backward pass.
     """
     return _ShiftedSign.apply(x, shift)
 
 
 def binarize_linear_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Effective weight of a binary linear layer: ``a * sign(W - mean_in(W))``.
-
-    ``a = mean_in(|W|)`` per output row, taken from the uncentred weight (as in the
-    authors' code). This is the forward value only; :func:`binary_linear` trains it.
-    """
-    scale = weight.abs().mean(dim=1, keepdim=True)
-    return scale * torch.sign(weight - weight.mean(dim=1, keepdim=True))
-
-
-def _linear_weight_signs(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    # (sign(W - mean_in W), a = mean_in |W|): the factors of binarize_linear_weight.
-    return torch.sign(weight - weight.mean(dim=1, keepdim=True)), weight.abs().mean(dim=1)
+    """Effective weight of a binary linear layer: ``a * sign(W - mean_in(W))`` (forward value only)."""
+    signs, scale = centred_sign_factors(weight)
+    return scale.unsqueeze(1) * signs
 
 
 def binarize_conv_weight(weight: torch.Tensor) -> torch.Tensor:
     """Effective weight of a binary convolution: ``a * sign(W)``, ``a = mean over (in, kh, kw) of |W|``."""
-    scale = weight.abs().mean(dim=(1, 2, 3), keepdim=True)
-    return scale * torch.sign(weight)
-
-
-def _linear_weight_grad(weight: torch.Tensor, grad_binary: torch.Tensor) -> torch.Tensor:
-    # Straight-through through clamp(W - mean_in(W), -1, 1), then through the centring.
-    centred = weight - weight.mean(dim=1, keepdim=True)
-    grad_centred = _closed_interval_grad(grad_binary, centred, -1., 1.)
-    return grad_centred - grad_centred.mean(dim=1, keepdim=True)
+    signs, scale = scaled_sign_factors(weight)
+    return scale.reshape(-1, 1, 1, 1) * signs
 
 
 class _BinaryLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, weight):
         ctx.save_for_backward(x, shift, weight)
-        int8 = use_int8_matmul(x)
         signs = (_rows(x) + shift).sign_()
-        sign_weight, scale = _linear_weight_signs(weight)
+        kind = sign_mm_kind(x, signs.shape[0], weight.shape[1], weight.shape[0])
+        sign_weight, scale = centred_sign_factors(weight)
         out = None
-        if int8:
+        if kind == 'int8':
             # The float signs are not needed any more: their memory takes the output if it fits.
             out = signs if weight.shape[0] == weight.shape[1] else None
             signs, sign_weight = signs.to(torch.int8), sign_weight.to(torch.int8)
-        y = _binary_matmul(signs, sign_weight, scale, int8, out=out)
+        y = _sign_mm(signs, sign_weight, scale, kind, out=out)
         return y.view(x.shape[:-1] + (weight.shape[0],))
 
     @staticmethod
@@ -185,13 +205,13 @@ class _BinaryLinear(torch.autograd.Function):
             grad_x = torch.empty_like(shifted)
         if ctx.needs_input_grad[2]:
             signs = torch.sign(shifted, out=grad_x) if need_x else torch.sign(shifted)
-            grad_weight = _linear_weight_grad(weight, grad.t() @ signs)
+            grad_weight = centred_sign_backward(weight, grad.t() @ signs)
             del signs
         if need_x:
-            sign_weight, scale = _linear_weight_signs(weight)
-            # grad @ (2 * binary weight), times (1 - |clamp(x + shift)|): the ApproxSign gradient.
+            sign_weight, scale = centred_sign_factors(weight)
+            # ApproxSign with its factor 2 folded into the product with the binary weight.
             torch.mm(grad, sign_weight * (2 * scale).unsqueeze(1), out=grad_x)
-            grad_x.addcmul_(grad_x, shifted.clamp_(-1, 1).abs_(), value=-1)
+            approx_sign_backward_(grad_x, shifted, doubled=True)
             grad_shift = grad_x.sum(0) if ctx.needs_input_grad[1] else None
             grad_x = grad_x.view(x.shape)
         return grad_x, grad_shift, grad_weight
@@ -200,12 +220,10 @@ class _BinaryLinear(torch.autograd.Function):
 def binary_linear(x: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Binary linear layer of ReActNet / BiT style: ``sign(x + shift) @ binarize_linear_weight(W)^T``, no bias.
 
-    Backward: ApproxSign (Bi-Real Net) for the activation and the shift; for the weight,
-    straight-through through ``clamp(W - mean_in(W), -1, 1)`` with the centring differentiated
-    and the scale ``a`` held constant (ReActNet, Liu et al. 2020; BiT, Liu et al. NeurIPS 2022).
-    ``shift`` is per input channel (last axis). Only ``x`` is kept for the backward pass; signs
-    and binary weights are recomputed. On the CPU the product runs in int8 (exact, see
-    :data:`USE_INT8_MATMUL`).
+    Backward: ApproxSign (Bi-Real Net) for the activation and the shift; for the weight, the centred
+    weight sign's straight-through gradient (:func:`~timm_binaryvit.quantizers.centred_sign_backward`).
+    ``shift`` is per input channel (last axis). Only ``x`` is kept for the backward pass; signs and
+    binary weights are recomputed. The product runs with the kernel of :func:`sign_mm_kind`.
     """
     return _BinaryLinear.apply(x, shift, weight)
 
@@ -227,10 +245,10 @@ class _BinaryConv2d(torch.autograd.Function):
             [ctx.needs_input_grad[0] or ctx.needs_input_grad[1], ctx.needs_input_grad[2], False])
         grad_x = grad_weight = grad_shift = None
         if grad_signs is not None:
-            grad_x = _approx_sign_grad_(grad_signs, shifted)
+            grad_x = approx_sign_backward_(grad_signs, shifted)
             grad_shift = grad_x.sum_to_size(shift.shape) if ctx.needs_input_grad[1] else None
         if grad_binary is not None:
-            grad_weight = _closed_interval_grad(grad_binary, weight, -1., 1.)
+            grad_weight = scaled_sign_backward(weight, grad_binary)
         return grad_x, grad_shift, grad_weight, None, None
 
 
@@ -240,8 +258,8 @@ def binary_conv2d(
     """Binary convolution (ReActNet): conv of ``sign(x + shift)`` with ``binarize_conv_weight(W)``, no bias.
 
     ``x`` is ``(B, C, H, W)``, ``shift`` is ``(1, C, 1, 1)``.
-    Backward: ApproxSign (Bi-Real Net) for the activation and the shift; straight-through
-    through ``clamp(W, -1, 1)`` for the weight, the scale held constant.
+    Backward: ApproxSign (Bi-Real Net) for the activation and the shift; the scaled weight sign's
+    straight-through gradient through ``clamp(W, -1, 1)`` for the weight, the scale held constant.
     """
     return _BinaryConv2d.apply(x, shift, weight, stride, padding)
 
@@ -250,59 +268,20 @@ class _ElasticBinarize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, scale):
         ctx.save_for_backward(p, scale)
-        return torch.round(p / scale).clamp_(0, 1).mul_(scale)
+        return elastic_binarize_value(p, scale)
 
     @staticmethod
     def backward(ctx, grad):
         p, scale = ctx.saved_tensors
-        return _elastic_backward(grad, p, scale, ctx.needs_input_grad[1])
-
-
-def _closed_interval_grad(grad: torch.Tensor, x: torch.Tensor, low: float, high: float,
-                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    # grad where low <= x <= high, else 0, in one fast pass (a bool mask times a float tensor is slow
-    # on the CPU): hardtanh_backward passes grad strictly inside, so widen the bounds by one ulp.
-    if out is not None:
-        return torch.ops.aten.hardtanh_backward.grad_input(
-            grad, x, _below(low, x.dtype), _above(high, x.dtype), grad_input=out)
-    return torch.ops.aten.hardtanh_backward(grad, x, _below(low, x.dtype), _above(high, x.dtype))
-
-
-@functools.lru_cache(maxsize=None)
-def _below(v: float, dtype: torch.dtype) -> float:
-    # The largest value of ``dtype`` below v (v itself is exactly representable).
-    return float(torch.nextafter(torch.tensor(v, dtype=dtype), torch.tensor(-math.inf, dtype=dtype)))
-
-
-@functools.lru_cache(maxsize=None)
-def _above(v: float, dtype: torch.dtype) -> float:
-    return float(torch.nextafter(torch.tensor(v, dtype=dtype), torch.tensor(math.inf, dtype=dtype)))
-
-
-def _elastic_backward(grad: torch.Tensor, p: torch.Tensor, scale: torch.Tensor, need_scale: bool,
-                      binary: Optional[torch.Tensor] = None):
-    # q = p / s. grad_p = g where 0 <= q <= 1. grad_s = sum(g * (round(q) - q)) inside plus sum(g)
-    # where q > 1, written as sum(g * c) - sum(g_p * q) with c = clamp(round(q), 0, 1) (c is
-    # round(q) inside, 1 above, 0 below). ``binary`` may pass c, computed already.
-    q = p / scale
-    grad_p = _closed_interval_grad(grad, q, 0., 1.)
-    grad_scale = None
-    if need_scale:
-        c = torch.round(q).clamp_(0, 1) if binary is None else binary
-        grad_scale = (_dot(grad, c) - _dot(grad_p, q)).reshape(scale.shape)
-    return grad_p, grad_scale
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+        return elastic_backward(grad, p, scale, ctx.needs_input_grad[1])
 
 
 def elastic_binarize(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Elastic binariser for attention probabilities of BiT (Liu et al., NeurIPS 2022).
 
     Forward: ``s * clamp(round(p / s), 0, 1)`` with a learnable scalar ``s``.
-    Backward: ``g`` passes where ``0 <= p/s <= 1``; ``ds = sum(g * (round(p/s) - p/s))`` over that
-    region plus ``sum(g)`` where ``p/s > 1``, summed over the whole tensor, with no gradient scale.
+    Backward: :func:`~timm_binaryvit.quantizers.elastic_backward`: ``g`` passes where ``0 <= p/s <= 1``;
+    ``ds = sum(g * (round(p/s) - p/s))`` over that region plus ``sum(g)`` where ``p/s > 1``.
     """
     return _ElasticBinarize.apply(p, scale)
 
@@ -396,15 +375,6 @@ def batchnorm_forward(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor, weig
     return out, bn.running_mean, torch.sqrt(bn.running_var + bn.eps).reciprocal_(), False
 
 
-def batchnorm_stats(bn: nn.modules.batchnorm._BatchNorm, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
-    """``(mean, invstd, batch)`` with which ``bn`` normalises ``y`` (M, C) in its current mode, updating its
-    running statistics as its own forward would; see :func:`batchnorm_forward`."""
-    if batchnorm_uses_batch_stats(bn):
-        _, mean, invstd, batch = batchnorm_forward(bn, y, None, None)
-        return mean, invstd, batch
-    return bn.running_mean, torch.sqrt(bn.running_var + bn.eps).reciprocal_(), False
-
-
 def batchnorm_backward(grad: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                        weight: Optional[torch.Tensor], batch: bool, need_weight: bool,
                        grad_sum: Optional[torch.Tensor] = None, scratch: Optional[torch.Tensor] = None):
@@ -471,11 +441,9 @@ class _NormAddRPReLU(torch.autograd.Function):
                 grad_beta = grad.sum(0) if need[9] else None
                 grad = grad * alpha
             if sign_shift is not None and grad_signs is not None:
-                grad_signs = _rows(grad_signs)
-                h = out.add_(sign_shift).clamp_(-1, 1).abs_()
-                g = torch.addcmul(grad_signs, grad_signs, h, value=-1, out=h)  # ApproxSign / 2
-                grad_sign_shift = g.sum(0).mul_(2) if need[7] else None
-                grad = torch.add(grad, g, alpha=2, out=g)
+                g = approx_sign_backward_(_rows(grad_signs), out.add_(sign_shift))
+                grad_sign_shift = g.sum(0) if need[7] else None
+                grad = g.add_(grad)
             del out
         grad_v, grad_slope, scratch = _prelu_backward(grad, v, slope, need[5], return_scratch=True)
         del v
@@ -529,21 +497,15 @@ def fusable(x, *modules: nn.Module) -> bool:
     """Whether a fused autograd path may stand in for the forward calls of ``modules`` (and all their
     submodules) on input ``x``.
 
-    True for a real float32 / float64 CPU or CUDA tensor outside TorchScript tracing, FX tracing,
-    autocast and any TorchDispatchMode, when no module involved carries hooks and every token BatchNorm still
-    holds a plain ``nn.BatchNorm1d``. Otherwise the modules run one by one (same results), so
-    hooks fire, ``SyncBatchNorm`` synchronises and op-level profilers see every module.
+    True in training mode where :func:`use_custom_autograd` holds, outside FX tracing and any
+    TorchDispatchMode, when no module involved carries hooks and every token BatchNorm still holds a
+    plain ``nn.BatchNorm1d``. Otherwise the modules run one by one (same values), so hooks fire,
+    ``SyncBatchNorm`` synchronises and op-level profilers see every module; in eval mode, so eager,
+    FX-traced and scripted models round identically.
     """
-    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.float32, torch.float64):
+    if not isinstance(x, torch.Tensor) or not _custom_autograd_allowed(x):
         return False
-    if x.device.type not in ('cpu', 'cuda'):  # e.g. the meta device: nothing to gain
-        return False
-    if not all(m.training for m in modules):
-        # Eval runs module by module, so eager, FX-traced and scripted models round identically.
-        return False
-    if torch.jit.is_tracing() or torch.is_autocast_enabled(x.device.type) or _dispatch_mode_active():
-        return False
-    if _global_hooks():
+    if not all(m.training for m in modules) or _dispatch_mode_active() or _global_hooks():
         return False
     for module in modules:
         for m in module.modules():
@@ -552,6 +514,30 @@ def fusable(x, *modules: nn.Module) -> bool:
             if isinstance(m, TokenBatchNorm) and type(m.bn) is not nn.BatchNorm1d:
                 return False
     return True
+
+
+class FusedPath(nn.Module):
+    """Base of the modules with a fused autograd path (attention, FFN, pooling branches, block).
+
+    ``forward`` asks :meth:`use_fused` and runs either ``forward_fused`` (custom autograd functions over
+    the whole module) or ``forward_modules`` (each submodule in turn, which TorchScript compiles). The
+    fused path runs only when every submodule is of the type it fuses (:meth:`fused_structure`; a
+    subclass or replacement module falls back to the modules path) and :func:`fusable` allows it.
+    """
+
+    def use_fused(self, x: torch.Tensor) -> bool:
+        if torch.jit.is_scripting():
+            return False
+        return self._fused_allowed(x)
+
+    @torch.jit.unused
+    def _fused_allowed(self, x: torch.Tensor) -> bool:
+        return self.fused_structure() and fusable(x, self)
+
+    @torch.jit.unused
+    def fused_structure(self) -> bool:
+        """Whether the submodules are exactly those the fused path computes."""
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,12 +561,12 @@ class BinaryActivation(nn.Module):
         self.shift = nn.Parameter(torch.zeros(dim, **_dd(device, dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return torch.sign(x + self.shift)
-        return self._forward_train(x)
+        if use_custom_autograd(x):
+            return self._forward_custom(x)
+        return approx_sign(x + self.shift)
 
     @torch.jit.unused
-    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_custom(self, x: torch.Tensor) -> torch.Tensor:
         return shifted_sign(x, self.shift)
 
 
@@ -606,17 +592,14 @@ class BinaryLinear(nn.Module):
         """The effective weight the layer multiplies by: ``+a`` / ``-a`` per output row."""
         return binarize_linear_weight(self.weight)
 
-    def binary_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The signs the layer multiplies: ``sign(x + shift)``."""
-        return torch.sign(x + self.shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return F.linear(self.binary_input(x), self.binary_weight())
-        return self._forward_train(x)
+        if use_custom_autograd(x):
+            return self._forward_custom(x)
+        return sign_product('linear', approx_sign(x + self.shift), centred_sign_weight(self.weight))
 
     @torch.jit.unused
-    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_custom(self, x: torch.Tensor) -> torch.Tensor:
         return binary_linear(x, self.shift, self.weight)
 
     def extra_repr(self) -> str:
@@ -652,17 +635,21 @@ class BinaryConv2d(nn.Module):
         """The effective weight the layer convolves with: ``+a`` / ``-a`` per output channel."""
         return binarize_conv_weight(self.weight)
 
-    def binary_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The signs the layer convolves: ``sign(x + shift)``."""
-        return torch.sign(x + self.shift)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_custom_autograd(x):
+            return self._forward_custom(x)
+        # A convolution of signs is a sum of at most C * k * k signs: float32 keeps it exact under autocast.
+        signs, weight = approx_sign(x + self.shift), scaled_sign_weight(self.weight)
         if torch.jit.is_scripting():
-            return F.conv2d(self.binary_input(x), self.binary_weight(), stride=self.stride, padding=self.padding)
-        return self._forward_train(x)
+            return F.conv2d(signs, weight, stride=self.stride, padding=self.padding)
+        return _outside_autocast(self._conv, signs, weight)
+
+    def _conv(self, signs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(signs, weight, stride=self.stride, padding=self.padding)
 
     @torch.jit.unused
-    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_custom(self, x: torch.Tensor) -> torch.Tensor:
         return binary_conv2d(x, self.shift, self.weight, self.stride, self.padding)
 
     def extra_repr(self) -> str:
@@ -683,12 +670,12 @@ class ElasticBinarizer(nn.Module):
         self.scale = nn.Parameter(torch.full((), init_scale, **_dd(device, dtype)))
 
     def forward(self, p: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return self.scale * torch.clamp(torch.round(p / self.scale), 0, 1)
-        return self._forward_train(p)
+        if use_custom_autograd(p):
+            return self._forward_custom(p)
+        return elastic_binarize_ste(p, self.scale)
 
     @torch.jit.unused
-    def _forward_train(self, p: torch.Tensor) -> torch.Tensor:
+    def _forward_custom(self, p: torch.Tensor) -> torch.Tensor:
         return elastic_binarize(p, self.scale)
 
 
@@ -707,13 +694,13 @@ class RPReLU(nn.Module):
         self.shift_out = nn.Parameter(torch.zeros(dim, **_dd(device, dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            z = x - self.shift_in
-            return torch.where(z > 0, z, z * self.slope) + self.shift_out
-        return self._forward_train(x)
+        if use_custom_autograd(x):
+            return self._forward_custom(x)
+        z = x - self.shift_in
+        return torch.where(z > 0, z, z * self.slope) + self.shift_out
 
     @torch.jit.unused
-    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_custom(self, x: torch.Tensor) -> torch.Tensor:
         return rprelu(x, self.shift_in, self.slope, self.shift_out)
 
 
