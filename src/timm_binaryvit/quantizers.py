@@ -111,7 +111,7 @@ def centred_sign_weight(weight: torch.Tensor) -> torch.Tensor:
     value = (scale.unsqueeze(1) * signs).detach()
     if not _grad_wanted(weight):
         return value
-    clipped = (weight - weight.mean(dim=1, keepdim=True)).clamp(-1., 1.)
+    clipped = _straight_through_inside(weight - weight.mean(dim=1, keepdim=True), -1., 1.)
     return value + (clipped - clipped.detach())
 
 
@@ -131,7 +131,7 @@ def scaled_sign_weight(weight: torch.Tensor) -> torch.Tensor:
     value = (scale.reshape([-1] + [1] * (weight.dim() - 1)) * signs).detach()
     if not _grad_wanted(weight):
         return value
-    clipped = weight.clamp(-1., 1.)
+    clipped = _straight_through_inside(weight, -1., 1.)
     return value + (clipped - clipped.detach())
 
 
@@ -167,13 +167,19 @@ def elastic_backward(grad: torch.Tensor, p: torch.Tensor, scale: torch.Tensor, n
 def elastic_binarize_ste(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The elastic binariser as a straight-through composition of stock operators: ``s * r`` with
     ``r = clamp(round(p/s), 0, 1)`` in the forward pass and the gradient of ``clamp(p/s, 0, 1)``, which
-    gives exactly :func:`elastic_backward`'s ``grad_p`` and ``grad_s``."""
+    gives exactly :func:`elastic_backward`'s ``grad_p`` and ``grad_s`` (bounds included)."""
     q = p / scale
     rounded = torch.round(q).clamp(0., 1.).detach()
     if not (_grad_wanted(p) or _grad_wanted(scale)):
         return scale * rounded
-    clipped = q.clamp(0., 1.)
+    clipped = _straight_through_inside(q, 0., 1.)
     return scale * (rounded + (clipped - clipped.detach()))
+
+
+def _straight_through_inside(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    # x where low <= x <= high, a constant elsewhere: its gradient is 1 on the closed interval (bounds
+    # included, as the rules say; torch.clamp's gradient leaves the bounds out), 0 outside.
+    return torch.where((x >= low) & (x <= high), x, x.detach())
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,72 @@
+// Shared definitions of the packed-sign kernels (see packed_gemm.cpp for the layout).
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define TBV_X86 1
+#define TGT_POPCNT __attribute__((target("popcnt")))
+#define TGT_AVX2 __attribute__((target("avx2,popcnt,fma")))
+#define TGT_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,popcnt,fma")))
+#endif
+#define AI inline __attribute__((always_inline))
+
+namespace tbv {
+
+using u64 = uint64_t;
+
+enum Isa { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+enum Mode { XOR = 0, MASK_A = 1, MASK_B = 2, BOTH = 3 };
+
+constexpr int PW = 8;        // rows per panel
+
+inline bool isa_supported(int isa) {
+#if defined(TBV_X86)
+  __builtin_cpu_init();
+  if (isa == ISA_AVX2)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("fma");
+  if (isa == ISA_AVX512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vpopcntdq") && __builtin_cpu_supports("popcnt") &&
+           __builtin_cpu_supports("fma");
+#endif
+  return isa == ISA_PORTABLE;
+}
+
+inline bool has_popcnt() {
+#if defined(TBV_X86)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("popcnt");
+#else
+  return false;
+#endif
+}
+
+inline const u64* words(const torch::Tensor& t) { return reinterpret_cast<const u64*>(t.data_ptr<int64_t>()); }
+inline u64* words_mut(torch::Tensor& t) { return reinterpret_cast<u64*>(t.data_ptr<int64_t>()); }
+
+inline void check_isa(int64_t isa) {
+  TORCH_CHECK(isa >= ISA_PORTABLE && isa <= ISA_AVX512, "unknown isa code ", isa);
+  TORCH_CHECK(isa_supported(static_cast<int>(isa)), "this CPU (or build) does not support isa code ", isa);
+}
+
+inline void check_planes(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 4 && t.size(3) == PW && t.scalar_type() == torch::kInt64 && t.is_contiguous(),
+              what, " must be a contiguous int64 tensor of shape (batch, panels, words, 8)");
+}
+
+
+}  // namespace tbv
+
+int64_t pack(const torch::Tensor& x, const c10::optional<torch::Tensor>& shift, int64_t mode, double threshold,
+             torch::Tensor neg, torch::Tensor nz, torch::Tensor cnt, int64_t isa);
+int64_t from_sign_bits(const torch::Tensor& bits, int64_t K, const torch::Tensor& zeros, torch::Tensor neg,
+                       torch::Tensor nz, torch::Tensor cnt);

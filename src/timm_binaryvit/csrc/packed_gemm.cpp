@@ -1,0 +1,458 @@
+// Bit-packed products of ternary signs {-1, 0, +1}: exact integer results.
+//
+// Layout ("panels"): a packed operand of R rows and K columns is two bit planes, `neg` (1 where the
+// value is -1) and `nz` (1 where it is not 0), each int64 of shape (batch, P, Kw, 8) with
+// P = ceil(R / 8), Kw = ceil(K / 64): word k of row r is at [r / 8][k][r % 8], and bit t of that
+// word is column 64 k + t. Interleaving 8 rows per word index lets a kernel load one 512-bit vector
+// per (panel, k), i.e. 8 output columns at once, and broadcast one word of the other operand
+// against it (an outer product over the packed K axis), so no horizontal sums are needed and small
+// K (64 at BinaryViT's first stage) runs at full width. Padding rows and columns are 0 in both
+// planes, `neg` is 0 wherever `nz` is 0, and `cnt` holds each row's number of nonzeros.
+//
+// Per pair of words the product of ternary vectors a, b is
+//   sum a_i b_i = |nz_a & nz_b| - 2 |nz_a & nz_b & (neg_a ^ neg_b)|,
+// which collapses to one popcount when a side has no zeros (its nz is all ones on the K columns):
+//   XOR    (no zeros):        K      - 2 |neg_a ^ neg_b|
+//   MASK_A (zeros in a only): cnt_a  - 2 |nz_a & (neg_a ^ neg_b)|
+//   MASK_B (zeros in b only): cnt_b  - 2 |nz_b & (neg_a ^ neg_b)|
+//   BOTH:                     |nz_a & nz_b| - 2 |nz_a & nz_b & (neg_a ^ neg_b)|
+// Padding columns have neg = 0 on both sides, so they never add a disagreement.
+//
+// One shared object holds every instruction-set path (per-function target attributes); the
+#include "packed_common.h"
+
+using namespace tbv;
+
+namespace {
+
+constexpr int TILE_LD = 24;  // columns of the int32 tile a block writes before its epilogue
+
+// Everything one block (8 rows x up to 24 columns of the output) needs.
+struct Block {
+  const u64 *an, *az;     // A panel: [Kw][8]
+  const int32_t* acnt;    // A row counts of this panel (8)
+  const u64 *bn, *bz;     // first B panel of the block: [Kw][8], panels Kw * 8 words apart
+  const int32_t* bcnt;    // B row counts from the block's first column
+  int64_t Kw;
+  int32_t K;
+  int rows, cols;         // valid rows / columns of the block
+  void* out;              // output at the block's (row, column) origin
+  int64_t ldo;
+  const void* scale;      // at the block's first column
+  const void* bias;       // at the block's origin, column stride 1
+  int64_t ldb;            // bias row stride (0: one row for all)
+};
+
+// ---- epilogue: int32 tile -> output (int32, or acc * scale + bias in float / double)
+template <typename OutT>
+AI void epilogue(const int32_t* __restrict__ tile, const Block& b) {
+  OutT* __restrict__ out = static_cast<OutT*>(b.out);
+  if constexpr (std::is_same<OutT, int32_t>::value) {
+    for (int r = 0; r < b.rows; ++r)
+      for (int j = 0; j < b.cols; ++j) out[r * b.ldo + j] = tile[r * TILE_LD + j];
+  } else {
+    const OutT* s = static_cast<const OutT*>(b.scale);
+    const OutT* bias = static_cast<const OutT*>(b.bias);
+    for (int r = 0; r < b.rows; ++r) {
+      OutT* o = out + r * b.ldo;
+      const OutT* br = bias + r * b.ldb;
+      const int32_t* t = tile + r * TILE_LD;
+      for (int j = 0; j < b.cols; ++j) o[j] = static_cast<OutT>(t[j]) * s[j] + br[j];
+    }
+  }
+}
+
+// ---- portable: __builtin_popcountll, 4 x 4 register blocks over one 8 x 8 panel pair
+template <int MODE>
+AI void mk_portable(const Block& b, int32_t* tile) {
+  for (int r0 = 0; r0 < PW; r0 += 4) {
+    for (int c0 = 0; c0 < PW; c0 += 4) {
+      uint32_t acc[4][4] = {}, accp[4][4] = {};
+      for (int64_t k = 0; k < b.Kw; ++k) {
+        const u64* an = b.an + k * PW + r0;
+        const u64* az = b.az + k * PW + r0;
+        const u64* bn = b.bn + k * PW + c0;
+        const u64* bz = b.bz + k * PW + c0;
+        for (int r = 0; r < 4; ++r) {
+          for (int c = 0; c < 4; ++c) {
+            u64 x = an[r] ^ bn[c];
+            if (MODE == MASK_A) x &= az[r];
+            if (MODE == MASK_B) x &= bz[c];
+            if (MODE == BOTH) {
+              const u64 p = az[r] & bz[c];
+              x &= p;
+              accp[r][c] += __builtin_popcountll(p);
+            }
+            acc[r][c] += __builtin_popcountll(x);
+          }
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        for (int c = 0; c < 4; ++c) {
+          int32_t base = MODE == XOR ? b.K : MODE == MASK_A ? b.acnt[r0 + r]
+                       : MODE == MASK_B ? b.bcnt[c0 + c] : static_cast<int32_t>(accp[r][c]);
+          tile[(r0 + r) * TILE_LD + c0 + c] = base - 2 * static_cast<int32_t>(acc[r][c]);
+        }
+      }
+    }
+  }
+}
+
+template <int MODE, int C, typename OutT>
+void block_portable(const Block& b) {
+  int32_t tile[PW * TILE_LD];
+  mk_portable<MODE>(b, tile);
+  epilogue<OutT>(tile, b);
+}
+
+#if defined(TBV_X86)
+// The same code with the POPCNT instruction (every x86-64 CPU since 2008 has it; without the
+// target attribute GCC calls a table-driven library routine).
+template <int MODE, int C, typename OutT>
+TGT_POPCNT void block_portable_popcnt(const Block& b) {
+  int32_t tile[PW * TILE_LD];
+  mk_portable<MODE>(b, tile);
+  epilogue<OutT>(tile, b);
+}
+
+// ---- AVX2: nibble-LUT popcount (vpshufb) into byte counters, vpsadbw every <= 31 words
+TGT_AVX2 AI __m256i popcnt8_avx2(__m256i x, __m256i lut, __m256i low) {
+  const __m256i lo = _mm256_and_si256(x, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+// 8 int32 results of row r -> the output (int32, or * scale + bias); partial blocks one by one.
+template <typename OutT>
+TGT_AVX2 AI void store8_avx2(__m256i v, const Block& b, int r) {
+  OutT* out = static_cast<OutT*>(b.out) + r * b.ldo;
+  const OutT* s = static_cast<const OutT*>(b.scale);
+  const OutT* bias = b.bias ? static_cast<const OutT*>(b.bias) + r * b.ldb : nullptr;
+  if (b.cols < PW) {
+    alignas(32) int32_t t[PW];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+    for (int j = 0; j < b.cols; ++j) {
+      if constexpr (std::is_same<OutT, int32_t>::value) out[j] = t[j];
+      else out[j] = static_cast<OutT>(t[j]) * s[j] + bias[j];
+    }
+  } else if constexpr (std::is_same<OutT, int32_t>::value) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
+  } else if constexpr (std::is_same<OutT, float>::value) {
+    _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(s), _mm256_loadu_ps(bias)));
+  } else {
+    const __m256d lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(v));
+    const __m256d hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(v, 1));
+    _mm256_storeu_pd(out, _mm256_fmadd_pd(lo, _mm256_loadu_pd(s), _mm256_loadu_pd(bias)));
+    _mm256_storeu_pd(out + 4, _mm256_fmadd_pd(hi, _mm256_loadu_pd(s + 4), _mm256_loadu_pd(bias + 4)));
+  }
+}
+
+template <int MODE, typename OutT>
+TGT_AVX2 AI void mk_avx2(const Block& b) {
+  // Rows per pass: 4 x 2 byte accumulators (8 columns), half that when two counts are kept.
+  constexpr int R = MODE == BOTH ? 2 : 4;
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i zero = _mm256_setzero_si256();
+  for (int r0 = 0; r0 < PW; r0 += R) {
+    alignas(32) u64 acc[R][PW] = {}, accp[R][PW] = {};
+    for (int64_t k0 = 0; k0 < b.Kw; k0 += 31) {  // a byte counter takes at most 31 x 8
+      const int64_t k1 = std::min<int64_t>(b.Kw, k0 + 31);
+      __m256i a8[R][2], p8[R][2];
+      for (int r = 0; r < R; ++r) a8[r][0] = a8[r][1] = p8[r][0] = p8[r][1] = zero;
+      for (int64_t k = k0; k < k1; ++k) {
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.bn + k * PW));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.bn + k * PW + 4));
+        __m256i z0 = zero, z1 = zero;
+        if (MODE == MASK_B || MODE == BOTH) {
+          z0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.bz + k * PW));
+          z1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.bz + k * PW + 4));
+        }
+        for (int r = 0; r < R; ++r) {
+          const __m256i a = _mm256_set1_epi64x(static_cast<long long>(b.an[k * PW + r0 + r]));
+          __m256i x0 = _mm256_xor_si256(a, b0), x1 = _mm256_xor_si256(a, b1);
+          if (MODE == MASK_A || MODE == BOTH) {
+            const __m256i az = _mm256_set1_epi64x(static_cast<long long>(b.az[k * PW + r0 + r]));
+            if (MODE == MASK_A) {
+              x0 = _mm256_and_si256(x0, az);
+              x1 = _mm256_and_si256(x1, az);
+            } else {
+              const __m256i q0 = _mm256_and_si256(az, z0), q1 = _mm256_and_si256(az, z1);
+              x0 = _mm256_and_si256(x0, q0);
+              x1 = _mm256_and_si256(x1, q1);
+              p8[r][0] = _mm256_add_epi8(p8[r][0], popcnt8_avx2(q0, lut, low));
+              p8[r][1] = _mm256_add_epi8(p8[r][1], popcnt8_avx2(q1, lut, low));
+            }
+          } else if (MODE == MASK_B) {
+            x0 = _mm256_and_si256(x0, z0);
+            x1 = _mm256_and_si256(x1, z1);
+          }
+          a8[r][0] = _mm256_add_epi8(a8[r][0], popcnt8_avx2(x0, lut, low));
+          a8[r][1] = _mm256_add_epi8(a8[r][1], popcnt8_avx2(x1, lut, low));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        for (int h = 0; h < 2; ++h) {
+          __m256i* dst = reinterpret_cast<__m256i*>(&acc[r][4 * h]);
+          _mm256_store_si256(dst, _mm256_add_epi64(_mm256_load_si256(dst), _mm256_sad_epu8(a8[r][h], zero)));
+          if (MODE == BOTH) {
+            __m256i* dp = reinterpret_cast<__m256i*>(&accp[r][4 * h]);
+            _mm256_store_si256(dp, _mm256_add_epi64(_mm256_load_si256(dp), _mm256_sad_epu8(p8[r][h], zero)));
+          }
+        }
+      }
+    }
+    // counts -> 8 int32 per row in registers, then the epilogue
+    const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int r = 0; r < R && r0 + r < b.rows; ++r) {
+      __m256i base0, base1;
+      if (MODE == XOR) {
+        base0 = base1 = _mm256_set1_epi64x(b.K);
+      } else if (MODE == MASK_A) {
+        base0 = base1 = _mm256_set1_epi64x(b.acnt[r0 + r]);
+      } else if (MODE == MASK_B) {
+        base0 = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.bcnt)));
+        base1 = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.bcnt + 4)));
+      } else {
+        base0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(&accp[r][0]));
+        base1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(&accp[r][4]));
+      }
+      const __m256i v0 = _mm256_sub_epi64(base0, _mm256_slli_epi64(_mm256_load_si256(reinterpret_cast<const __m256i*>(&acc[r][0])), 1));
+      const __m256i v1 = _mm256_sub_epi64(base1, _mm256_slli_epi64(_mm256_load_si256(reinterpret_cast<const __m256i*>(&acc[r][4])), 1));
+      const __m256i v = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(v0, evens),
+                                                  _mm256_permutevar8x32_epi32(v1, evens), 0x20);
+      store8_avx2<OutT>(v, b, r0 + r);
+    }
+  }
+}
+
+template <int MODE, int C, typename OutT>
+TGT_AVX2 void block_avx2(const Block& b) {
+  mk_avx2<MODE, OutT>(b);
+}
+
+// ---- AVX-512 VPOPCNTDQ: 8 rows x C panels (8 C columns) of 64-bit lane counters; the epilogue
+// works on the counters in registers (a round trip through a tile costs as much as the product
+// itself when K is a few hundred).
+template <typename OutT>
+TGT_AVX512 AI void store8_avx512(__m512i v, OutT* out, const OutT* scale, const OutT* bias, __mmask8 m) {
+  if constexpr (std::is_same<OutT, int32_t>::value) {
+    _mm512_mask_cvtepi64_storeu_epi32(out, m, v);
+  } else if constexpr (std::is_same<OutT, float>::value) {
+    const __m256 f = _mm512_cvtepi64_ps(v);
+    const __m256 r = _mm256_fmadd_ps(f, _mm256_maskz_loadu_ps(m, scale), _mm256_maskz_loadu_ps(m, bias));
+    _mm256_mask_storeu_ps(out, m, r);
+  } else {
+    const __m512d f = _mm512_cvtepi64_pd(v);
+    const __m512d r = _mm512_fmadd_pd(f, _mm512_maskz_loadu_pd(m, scale), _mm512_maskz_loadu_pd(m, bias));
+    _mm512_mask_storeu_pd(out, m, r);
+  }
+}
+
+template <int MODE, int C, typename OutT>
+TGT_AVX512 void block_avx512(const Block& b) {
+  __m512i acc[PW][C], accp[PW][MODE == BOTH ? C : 1];
+  for (int r = 0; r < PW; ++r)
+    for (int c = 0; c < C; ++c) {
+      acc[r][c] = _mm512_setzero_si512();
+      if (MODE == BOTH) accp[r][c] = _mm512_setzero_si512();
+    }
+  const int64_t pstride = b.Kw * PW;
+  const u64* an = b.an;
+  const u64* az = b.az;
+  for (int64_t k = 0; k < b.Kw; ++k, an += PW, az += PW) {
+    __m512i bn[C], bz[C];
+    for (int c = 0; c < C; ++c) {
+      bn[c] = _mm512_loadu_si512(b.bn + c * pstride + k * PW);
+      if (MODE == MASK_B || MODE == BOTH) bz[c] = _mm512_loadu_si512(b.bz + c * pstride + k * PW);
+    }
+    for (int r = 0; r < PW; ++r) {
+      const __m512i a = _mm512_set1_epi64(static_cast<long long>(an[r]));
+      __m512i za = a;
+      if (MODE == MASK_A || MODE == BOTH) za = _mm512_set1_epi64(static_cast<long long>(az[r]));
+      for (int c = 0; c < C; ++c) {
+        __m512i x;
+        if (MODE == XOR) {
+          x = _mm512_xor_si512(a, bn[c]);
+        } else if (MODE == MASK_A) {
+          x = _mm512_ternarylogic_epi64(za, a, bn[c], 0x60);  // za & (a ^ bn)
+        } else if (MODE == MASK_B) {
+          x = _mm512_ternarylogic_epi64(bz[c], a, bn[c], 0x60);
+        } else {
+          const __m512i p = _mm512_and_si512(za, bz[c]);
+          x = _mm512_ternarylogic_epi64(p, a, bn[c], 0x60);
+          accp[r][c] = _mm512_add_epi64(accp[r][c], _mm512_popcnt_epi64(p));
+        }
+        acc[r][c] = _mm512_add_epi64(acc[r][c], _mm512_popcnt_epi64(x));
+      }
+    }
+  }
+  __mmask8 masks[C];
+  __m512i base_b[C];
+  for (int c = 0; c < C; ++c) {
+    const int n = std::max(0, std::min(PW, b.cols - PW * c));
+    masks[c] = static_cast<__mmask8>((1u << n) - 1);
+    if (MODE == MASK_B)
+      base_b[c] = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(masks[c], b.bcnt + PW * c));
+  }
+  OutT* out = static_cast<OutT*>(b.out);
+  const OutT* scale = static_cast<const OutT*>(b.scale);
+  const OutT* bias = static_cast<const OutT*>(b.bias);
+  for (int r = 0; r < PW; ++r) {
+    if (r >= b.rows) break;
+    for (int c = 0; c < C; ++c) {
+      __m512i base;
+      if (MODE == XOR) base = _mm512_set1_epi64(b.K);
+      else if (MODE == MASK_A) base = _mm512_set1_epi64(b.acnt[r]);
+      else if (MODE == MASK_B) base = base_b[c];
+      else base = accp[r][MODE == BOTH ? c : 0];
+      const __m512i v = _mm512_sub_epi64(base, _mm512_slli_epi64(acc[r][c], 1));
+      store8_avx512<OutT>(v, out + r * b.ldo + PW * c, scale ? scale + PW * c : nullptr,
+                          bias ? bias + r * b.ldb + PW * c : nullptr, masks[c]);
+    }
+  }
+}
+#endif  // TBV_X86
+
+using BlockFn = void (*)(const Block&);
+
+// Blocks of 1..cmax panels for one (isa, mode, output type).
+template <int MODE, typename OutT>
+int block_table(int isa, BlockFn* fns) {
+#if defined(TBV_X86)
+  if (isa == ISA_AVX512) {
+    if (MODE == BOTH) {  // two counters per lane: one panel per block keeps them in registers
+      fns[0] = block_avx512<MODE, 1, OutT>;
+      return 1;
+    }
+    fns[0] = block_avx512<MODE, 1, OutT>;
+    fns[1] = block_avx512<MODE, 2, OutT>;
+    fns[2] = block_avx512<MODE, 3, OutT>;
+    return 3;
+  }
+  if (isa == ISA_AVX2) {
+    fns[0] = block_avx2<MODE, 1, OutT>;
+    return 1;
+  }
+  if (has_popcnt()) {
+    fns[0] = block_portable_popcnt<MODE, 1, OutT>;
+    return 1;
+  }
+#endif
+  fns[0] = block_portable<MODE, 1, OutT>;
+  return 1;
+}
+
+template <typename OutT>
+int block_table_mode(int isa, int mode, BlockFn* fns) {
+  switch (mode) {
+    case XOR: return block_table<XOR, OutT>(isa, fns);
+    case MASK_A: return block_table<MASK_A, OutT>(isa, fns);
+    case MASK_B: return block_table<MASK_B, OutT>(isa, fns);
+    default: return block_table<BOTH, OutT>(isa, fns);
+  }
+}
+
+}  // namespace
+
+// out[b, i, j] = sum_k a[b, i, k] * b[b, j, k]   (int32), or that times scale[j] plus bias[b, i, j].
+// a planes (Ba, P, Kw, 8) and b planes (Bb, Q, Kw, 8), Ba and Bb each 1 or the batch of out;
+// out (batch, M, N) with unit column stride; bias expanded to out's shape (zero strides allowed).
+void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch::Tensor& acnt, bool a_zeros,
+               const torch::Tensor& bneg, const torch::Tensor& bnz, const torch::Tensor& bcnt, bool b_zeros,
+               int64_t K, torch::Tensor out, const c10::optional<torch::Tensor>& scale,
+               const c10::optional<torch::Tensor>& bias, int64_t isa) {
+  check_isa(isa);
+  check_planes(aneg, "a.neg"); check_planes(anz, "a.nz"); check_planes(bneg, "b.neg"); check_planes(bnz, "b.nz");
+  TORCH_CHECK(out.dim() == 3 && out.stride(2) == 1, "out must be 3-D with unit column stride");
+  const int64_t batch = out.size(0), M = out.size(1), N = out.size(2);
+  const int64_t Kw = aneg.size(2), P = aneg.size(1), Q = bneg.size(1);
+  TORCH_CHECK(bneg.size(2) == Kw && Kw == (K + 63) / 64, "a and b disagree on the packed K");
+  TORCH_CHECK(P * PW >= M && Q * PW >= N, "out is larger than the packed operands");
+  TORCH_CHECK(aneg.size(0) == 1 || aneg.size(0) == batch, "a's batch must be 1 or out's");
+  TORCH_CHECK(bneg.size(0) == 1 || bneg.size(0) == batch, "b's batch must be 1 or out's");
+  TORCH_CHECK(acnt.scalar_type() == torch::kInt32 && bcnt.scalar_type() == torch::kInt32 &&
+              acnt.is_contiguous() && bcnt.is_contiguous(), "row counts must be contiguous int32");
+  const auto dtype = out.scalar_type();
+  const bool is_float = dtype == torch::kFloat32 || dtype == torch::kFloat64;
+  TORCH_CHECK(is_float || dtype == torch::kInt32, "out must be int32, float32 or float64");
+  TORCH_CHECK(is_float == (scale.has_value() && bias.has_value()), "float output needs scale and bias, int32 none");
+  if (is_float) {
+    TORCH_CHECK(scale->scalar_type() == dtype && bias->scalar_type() == dtype, "scale and bias must have out's dtype");
+    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == N && scale->is_contiguous(), "scale must be contiguous (N,)");
+    TORCH_CHECK(bias->dim() == 3 && bias->size(0) == batch && bias->size(1) == M && bias->size(2) == N &&
+                (bias->stride(2) == 1 || N == 1), "bias must be expanded to out's shape with unit column stride");
+  }
+  if (M == 0 || N == 0 || batch == 0) return;
+  const int mode = (a_zeros ? 1 : 0) + (b_zeros ? 2 : 0);
+
+  BlockFn fns[3];
+  int cmax;
+  if (dtype == torch::kInt32) cmax = block_table_mode<int32_t>(static_cast<int>(isa), mode, fns);
+  else if (dtype == torch::kFloat32) cmax = block_table_mode<float>(static_cast<int>(isa), mode, fns);
+  else cmax = block_table_mode<double>(static_cast<int>(isa), mode, fns);
+
+  const int64_t Pm = (M + PW - 1) / PW, Qn = (N + PW - 1) / PW;
+  const int64_t a_bs = aneg.size(0) == 1 ? 0 : P * Kw * PW, b_bs = bneg.size(0) == 1 ? 0 : Q * Kw * PW;
+  const int64_t ac_bs = aneg.size(0) == 1 ? 0 : acnt.size(-1), bc_bs = bneg.size(0) == 1 ? 0 : bcnt.size(-1);
+  // Split the columns too when there are few row panels, so that every thread has work.
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = 1;
+  if (batch * Pm < 4 * threads) chunks = std::min<int64_t>((Qn + cmax - 1) / cmax, (4 * threads + batch * Pm - 1) / (batch * Pm));
+  const int64_t per_chunk = ((Qn + chunks - 1) / chunks + cmax - 1) / cmax * cmax;
+  chunks = (Qn + per_chunk - 1) / per_chunk;
+
+  const u64 *an0 = words(aneg), *az0 = words(anz), *bn0 = words(bneg), *bz0 = words(bnz);
+  const int32_t *ac0 = acnt.data_ptr<int32_t>(), *bc0 = bcnt.data_ptr<int32_t>();
+  char* out0 = static_cast<char*>(out.data_ptr());
+  const int64_t esize = out.element_size();
+  const char* scale0 = is_float ? static_cast<const char*>(scale->data_ptr()) : nullptr;
+  const char* bias0 = is_float ? static_cast<const char*>(bias->data_ptr()) : nullptr;
+  const int64_t sb_b = is_float ? bias->stride(0) : 0, sb_m = is_float ? bias->stride(1) : 0;
+
+  at::parallel_for(0, batch * Pm * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t it = begin; it < end; ++it) {
+      const int64_t bi = it / (Pm * chunks), p = (it / chunks) % Pm, ch = it % chunks;
+      Block blk;
+      blk.scale = blk.bias = nullptr;
+      blk.an = an0 + bi * a_bs + p * Kw * PW;
+      blk.az = az0 + bi * a_bs + p * Kw * PW;
+      blk.acnt = ac0 + bi * ac_bs + p * PW;
+      blk.Kw = Kw;
+      blk.K = static_cast<int32_t>(K);
+      blk.rows = static_cast<int>(std::min<int64_t>(PW, M - p * PW));
+      blk.ldo = out.stride(1);
+      blk.ldb = sb_m;
+      const int64_t q1 = std::min(Qn, (ch + 1) * per_chunk);
+      for (int64_t q = ch * per_chunk; q < q1; q += cmax) {
+        const int c = static_cast<int>(std::min<int64_t>(cmax, q1 - q));
+        blk.bn = bn0 + bi * b_bs + q * Kw * PW;
+        blk.bz = bz0 + bi * b_bs + q * Kw * PW;
+        blk.bcnt = bc0 + bi * bc_bs + q * PW;
+        blk.cols = static_cast<int>(std::min<int64_t>(PW * c, N - q * PW));
+        blk.out = out0 + esize * (bi * out.stride(0) + p * PW * out.stride(1) + q * PW);
+        if (is_float) {
+          blk.scale = scale0 + esize * (q * PW);
+          blk.bias = bias0 + esize * (bi * sb_b + p * PW * sb_m + q * PW);
+        }
+        fns[c - 1](blk);
+      }
+    }
+  });
+}
+
+std::vector<int64_t> supported_isas() {
+  std::vector<int64_t> out;
+  for (int i = ISA_AVX512; i >= ISA_PORTABLE; --i)
+    if (isa_supported(i)) out.push_back(i);
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "timm-binaryvit bit-packed sign products";
+  m.def("sign_gemm", &sign_gemm, "exact product of packed ternary operands");
+  m.def("pack", &pack, "fused shift + sign (or compare) + pack");
+  m.def("from_sign_bits", &from_sign_bits, "packed file bits -> kernel planes");
+  m.def("supported_isas", &supported_isas, "isa codes this CPU runs, best first");
+}

@@ -1,0 +1,283 @@
+"""Packed sign products (``timm_binaryvit.packed_ops``): exact against float64 on odd shapes, on
+every instruction-set path this CPU runs, and the float fallback without the extension.
+
+The extension is built once per test session (the module caches it); the tests that need it skip
+with the reason when it cannot be built, and fail under ``CI=true`` (CI must build it).
+"""
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from timm_binaryvit import packed_ops
+
+KS = (1, 7, 63, 64, 65, 130, 389)
+MNS = ((1, 1), (3, 17), (17, 64), (64, 3), (1, 65))
+
+
+@pytest.fixture(scope='module')
+def ext():
+    if not packed_ops.available():
+        reason = f'packed-sign extension unavailable: {packed_ops.unavailable_reason()}'
+        if os.environ.get('CI', '').lower() == 'true':
+            pytest.fail(reason + '; CI=true requires it')
+        pytest.skip(reason)
+    return packed_ops
+
+
+def _require_isa(name):
+    if name not in packed_ops.supported_isas():
+        pytest.skip(f'this CPU does not run the {name} path (runs: {", ".join(packed_ops.supported_isas())})')
+
+
+def ternary(rows, cols, zeros, seed, batch=()):
+    g = torch.Generator().manual_seed(seed)
+    if zeros:
+        return torch.randint(-1, 2, batch + (rows, cols), generator=g).double()
+    return torch.randint(0, 2, batch + (rows, cols), generator=g).double().mul_(2).sub_(1)
+
+
+@pytest.mark.parametrize('isa', packed_ops.ISAS)  # each path the CPU runs
+@pytest.mark.parametrize('K', KS)
+def test_sign_gemm_exact(ext, isa, K):
+    _require_isa(isa)
+    with packed_ops.use_isa(isa):
+        for (M, N), (za, zb) in itertools.product(MNS, itertools.product((False, True), repeat=2)):
+            a, b = ternary(M, K, za, 1), ternary(N, K, zb, 2)
+            if za:
+                a[0, 0] = 0  # at least one zero, also when M * K is 1
+            pa, pb = packed_ops.pack_signs(a), packed_ops.pack_sign_values(b.to(torch.int8))
+            assert pa.has_zeros == bool((a == 0).any()) and pb.has_zeros == bool((b == 0).any())
+            got = packed_ops.sign_gemm(pa, pb)
+            assert got.dtype == torch.int32
+            assert torch.equal(got.double(), a @ b.t()), (isa, M, K, N, za, zb)
+
+
+@pytest.mark.parametrize('isa', packed_ops.ISAS)  # each path the CPU runs
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_epilogue_scale_bias_out(ext, isa, dtype):
+    _require_isa(isa)
+    M, K, N = 19, 130, 29
+    a, b = ternary(M, K, True, 3), ternary(N, K, False, 4)
+    scale = torch.rand(N, dtype=dtype) + 0.5
+    bias_n, bias_mn = torch.randn(N, dtype=dtype), torch.randn(M, N, dtype=dtype)
+    acc = a @ b.t()
+    with packed_ops.use_isa(isa):
+        pa, pb = packed_ops.pack_signs(a), packed_ops.pack_signs(b)
+        for bias in (bias_n, bias_mn):
+            got = packed_ops.sign_gemm(pa, pb, scale, bias)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), acc * scale.double() + bias.double(), rtol=1e-6, atol=1e-5)
+        # into a column slice of a wider buffer (row stride != N): the rest stays untouched
+        buf = torch.full((M, N + 5), 7.0, dtype=dtype)
+        packed_ops.sign_gemm(pa, pb, scale, None, out=buf[:, 2:2 + N])
+        torch.testing.assert_close(buf[:, 2:2 + N].double(), acc * scale.double(), rtol=1e-6, atol=1e-5)
+        assert bool((buf[:, :2] == 7).all()) and bool((buf[:, 2 + N:] == 7).all())
+
+
+@pytest.mark.parametrize('isa', packed_ops.ISAS)  # each path the CPU runs
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('K', (1, 63, 65, 389))
+def test_pack_signs_with_shift_matches_sign(ext, isa, dtype, K):
+    _require_isa(isa)
+    g = torch.Generator().manual_seed(K)
+    M = 11
+    x = torch.randn(M, K, generator=g, dtype=torch.float64).to(dtype)
+    shift = torch.randn(K, generator=g, dtype=torch.float64).to(dtype)
+    x[::2, ::3] = -shift[::3]  # exactly at the threshold: sign 0
+    x[1, :] = 0.0
+    with packed_ops.use_isa(isa):
+        p = packed_ops.pack_signs(x, shift)
+        plain = packed_ops.pack_signs(x)
+        strided = packed_ops.pack_signs(x.t().contiguous().t(), shift)  # column-major input
+    expected = torch.sign(x + shift)
+    assert p.has_zeros and (expected == 0).sum() > 0
+    assert torch.equal(p.unpack(), expected.float())
+    assert torch.equal(strided.unpack(), expected.float())
+    assert torch.equal(plain.unpack(), torch.sign(x).float())
+    assert torch.equal(p.counts[0, :M], (expected != 0).sum(1).int())
+
+
+def test_pack_signs_batched_strided_views(ext):
+    # (g * n, h * d) token-major -> per (image, head) operands, without a copy in the caller
+    g_, n, h, d = 2, 13, 3, 70
+    x = torch.randn(g_ * n, h * d)
+    heads = x.view(g_, n, h, d).permute(0, 2, 1, 3)
+    p = packed_ops.pack_signs(heads)
+    assert p.shape == (g_, h, n, d)
+    assert torch.equal(p.unpack(), torch.sign(heads))
+    t = packed_ops.pack_signs_transposed(heads)
+    assert t.shape == (g_, h, d, n)
+    assert torch.equal(t.unpack(), torch.sign(heads).transpose(-2, -1))
+
+
+def _reference_bits(values: torch.Tensor) -> torch.Tensor:
+    """The packed file's format, written independently: bit 1 = +1, big bit order, padded rows."""
+    rows, cols = values.shape
+    out = torch.zeros(rows, (cols + 7) // 8, dtype=torch.uint8)
+    for r in range(rows):
+        for c in range(cols):
+            if values[r, c] > 0:
+                out[r, c // 8] |= 1 << (7 - c % 8)
+    return out
+
+
+@pytest.mark.parametrize('K', (1, 9, 64, 71, 130))
+def test_from_sign_bits_round_trip(ext, K):
+    N = 10
+    w = ternary(N, K, False, K)
+    w.view(-1)[torch.tensor([0, 5, N * K - 1])] = 0  # exact zeros, listed apart
+    zeros = (w.reshape(-1) == 0).nonzero().flatten()
+    bits = _reference_bits(w)
+    p = packed_ops.from_sign_bits(bits, K, zeros)
+    assert p.has_zeros and p.shape == (N, K)
+    assert torch.equal(p.unpack(), w.float())
+    q = packed_ops.pack_sign_values(w)
+    assert torch.equal(p.neg, q.neg) and torch.equal(p.nz, q.nz) and torch.equal(p.counts, q.counts)
+    a = ternary(5, K, False, 1)
+    assert torch.equal(packed_ops.sign_gemm(packed_ops.pack_signs(a), p).double(), a @ w.t())
+    without = packed_ops.from_sign_bits(bits, K)  # the same bits, zeros not listed: they read as -1
+    assert not without.has_zeros
+    assert torch.equal(without.unpack(), torch.where(w > 0, 1.0, -1.0).float())
+
+
+def test_from_sign_bits_rejects_bad_input(ext):
+    bits = torch.zeros(3, 2, dtype=torch.uint8)
+    with pytest.raises(ValueError, match='bytes per row'):
+        packed_ops.from_sign_bits(bits, 17)
+    with pytest.raises(RuntimeError, match='outside'):
+        packed_ops.from_sign_bits(bits, 16, torch.tensor([48]))
+    with pytest.raises(ValueError, match='uint8'):
+        packed_ops.from_sign_bits(bits.int(), 16)
+
+
+@pytest.mark.parametrize('isa', packed_ops.ISAS)  # each path the CPU runs
+def test_sign_bmm_heads(ext, isa):
+    _require_isa(isa)
+    B, h, N, Nk, d = 2, 3, 17, 9, 65
+    q, k = ternary(N, d, True, 1, (B, h)), ternary(Nk, d, False, 2, (B, h))
+    with packed_ops.use_isa(isa):
+        pq, pk = packed_ops.pack_signs(q), packed_ops.pack_signs(k)
+        dots = packed_ops.sign_bmm(pq, pk)
+        scaled = packed_ops.sign_bmm(pq, pk, scale=0.125)
+        shared = packed_ops.sign_bmm(pq, packed_ops.pack_signs(k[0, 0]))
+    ref = q @ k.transpose(-2, -1)
+    assert dots.shape == (B, h, N, Nk) and dots.dtype == torch.int32
+    assert torch.equal(dots.double(), ref)
+    assert torch.equal(scaled.double(), ref * 0.125)
+    assert torch.equal(shared.double(), q @ k[0, 0].t())
+
+
+@pytest.mark.parametrize('isa', packed_ops.ISAS)  # each path the CPU runs
+@pytest.mark.parametrize('v_zeros', [False, True])
+def test_mask_sign_bmm(ext, isa, v_zeros):
+    _require_isa(isa)
+    BH, N, Nk, d = 5, 13, 70, 33
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(BH, N, Nk, generator=g), -1)
+    threshold = float(probs[0, 0, 0])  # a value exactly at the threshold is not > it
+    v = ternary(Nk, d, v_zeros, 5, (BH,)) * torch.rand(BH, Nk, d, generator=g, dtype=torch.float64)
+    with packed_ops.use_isa(isa):
+        pm = packed_ops.pack_mask(probs, threshold)
+        ctx = packed_ops.mask_sign_bmm(pm, packed_ops.pack_signs_transposed(v))
+    mask = torch.gt(probs, threshold)
+    assert torch.equal(pm.unpack(), mask.float()) and not bool(mask[0, 0, 0])
+    assert torch.equal(ctx.double(), mask.double() @ torch.sign(v))
+    with pytest.raises(TypeError, match='pack_mask'):
+        packed_ops.mask_sign_bmm(packed_ops.pack_signs(probs), packed_ops.pack_signs_transposed(v))
+
+
+def test_bad_operands_are_named(ext):
+    a, b = packed_ops.pack_signs(torch.randn(3, 10)), packed_ops.pack_signs(torch.randn(4, 11))
+    with pytest.raises(ValueError, match='columns'):
+        packed_ops.sign_gemm(a, b)
+    with pytest.raises(ValueError, match='-1, 0 and \\+1'):
+        packed_ops.pack_sign_values(torch.tensor([[0.5, 1.0]]))
+    with pytest.raises(ValueError, match='shift'):
+        packed_ops.pack_signs(torch.randn(3, 10), torch.zeros(9))
+    with pytest.raises(ValueError, match='isa must be one of'):
+        with packed_ops.use_isa('sse9'):
+            pass
+
+
+def test_register_candidates_is_idempotent_and_runs(ext):
+    from timm_binaryvit import kernels
+    packed_ops.register_candidates()
+    packed_ops.register_candidates()
+    for product, shape in (('deploy_linear', (7, 65, 9)), ('deploy_attention', (2, 5, 16, 7))):
+        candidate = kernels._registry[product]['packed']
+        assert candidate.unavailable(shape, torch.float32, torch.device('cpu')) is None
+        assert 'CPU' in candidate.unavailable(shape, torch.float32, torch.device('meta'))
+        result = candidate.make(shape, torch.float32, torch.device('cpu'))()
+        if product == 'deploy_linear':
+            assert result.shape == (7, 9) and result.dtype == torch.float32
+        else:
+            dots, ctx = result
+            assert dots.shape == (2, 5, 7) and ctx.shape == (2, 5, 16)
+
+
+# ---- the fallback, in fresh processes (the module builds at most once per process)
+
+def _run_python(code, **env):
+    full = dict(os.environ, **env)
+    return subprocess.run([sys.executable, '-W', 'always', '-c', textwrap.dedent(code)], env=full,
+                          capture_output=True, text=True, timeout=300)
+
+
+_PROBE = '''
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        from timm_binaryvit import packed_ops
+        ok = packed_ops.available()
+        packed_ops.available()
+    ours = [str(w.message) for w in caught if 'packed 1-bit kernels' in str(w.message)]
+    print('AVAILABLE', ok)
+    print('REASON', packed_ops.unavailable_reason())
+    print('WARNINGS', len(ours))
+    for m in ours:
+        print('WARNING', m)
+    try:
+        packed_ops.pack_signs(__import__('torch').ones(2, 3))
+    except RuntimeError as e:
+        print('RAISES', e)
+'''
+
+
+def test_env_forces_fallback_without_warning():
+    r = _run_python(_PROBE + '''
+    import torch
+    from timm_binaryvit import kernels
+    packed_ops.register_candidates()
+    kernels.register('deploy_linear', 'float', lambda s, d, dev: (lambda: None))
+    with kernels.kernel_mode('packed'):
+        print('CHOSEN', kernels.choose('deploy_linear', (8, 64, 8)))
+    ''', TIMM_BINARYVIT_NO_EXTENSION='1')
+    assert r.returncode == 0, r.stderr
+    assert 'AVAILABLE False' in r.stdout and 'WARNINGS 0' in r.stdout
+    assert 'TIMM_BINARYVIT_NO_EXTENSION' in r.stdout and 'RAISES packed 1-bit kernels are unavailable' in r.stdout
+    assert 'CHOSEN float' in r.stdout
+
+
+def test_no_compiler_warns_once_and_falls_back(tmp_path):
+    r = _run_python(_PROBE, CXX=str(tmp_path / 'nonexistent-c++'), TORCH_EXTENSIONS_DIR=str(tmp_path / 'ext'))
+    assert r.returncode == 0, r.stderr
+    assert 'AVAILABLE False' in r.stdout and 'WARNINGS 1' in r.stdout
+    assert 'no C++ compiler found' in r.stdout and 'nonexistent-c++' in r.stdout
+
+
+def test_failed_build_warns_once_with_the_compiler_error(tmp_path):
+    fake = tmp_path / 'fake-c++'
+    # a real compiler whose compilations fail (as with a broken toolchain or missing headers)
+    fake.write_text('#!/bin/sh\ncase "$1" in --version|-v) exec c++ "$@";; esac\n'
+                    'exec c++ "$@" -include simulated_missing_header.h\n')
+    fake.chmod(0o755)
+    r = _run_python(_PROBE, CXX=str(fake), TORCH_EXTENSIONS_DIR=str(tmp_path / 'ext'))
+    assert r.returncode == 0, r.stderr
+    assert 'AVAILABLE False' in r.stdout and 'WARNINGS 1' in r.stdout, r.stdout + r.stderr
+    warning = [ln for ln in r.stdout.splitlines() if ln.startswith('WARNING ')][0]
+    assert 'failed' in warning and 'simulated_missing_header.h' in warning, warning
