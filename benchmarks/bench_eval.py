@@ -1,5 +1,5 @@
-"""Eval forward time, throughput and peak memory, plain and deployed:
-``python benchmarks/bench_eval.py [--quick] [options]``.
+"""Eval forward time, throughput and peak memory: plain, deployed, and at batch 1 deployed and loaded
+from a packed file: ``python benchmarks/bench_eval.py [--quick] [options]``.
 
 The same as ``python benchmarks/bench.py eval``; see ``bench.py`` for the options.
 """

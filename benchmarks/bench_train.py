@@ -1,4 +1,4 @@
-"""Training-step time and peak memory: ``python benchmarks/bench_train.py [--quick] [options]``.
+"""Training-step time and peak memory, eager, with gradient checkpointing and compiled: ``python benchmarks/bench_train.py [--quick] [options]``.
 
 The same as ``python benchmarks/bench.py train``; see ``bench.py`` for the options.
 """

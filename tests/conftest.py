@@ -58,3 +58,38 @@ def reference_manifest(reference_dir) -> dict:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def _global_state():
+    from timm_binaryvit import kernels
+
+    return dict(
+        threads=torch.get_num_threads(),
+        default_dtype=torch.get_default_dtype(),
+        deterministic=(torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled()),
+        grad_enabled=torch.is_grad_enabled(),
+        kernel_mode=kernels._mode_override,
+    )
+
+
+def _restore(state):
+    from timm_binaryvit import kernels
+
+    torch.set_num_threads(state['threads'])
+    torch.set_default_dtype(state['default_dtype'])
+    enabled, warn_only = state['deterministic']
+    torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+    torch.set_grad_enabled(state['grad_enabled'])
+    kernels.set_mode(state['kernel_mode'])
+
+
+@pytest.fixture(autouse=True)
+def _keep_global_torch_state():
+    """Whatever a test sets process-wide (threads, default dtype, deterministic algorithms, grad mode, the
+    kernel mode of timm_binaryvit.kernels) is put back afterwards, so no test depends on the order of the
+    tests before it."""
+    state = _global_state()
+    yield
+    if _global_state() != state:
+        _restore(state)

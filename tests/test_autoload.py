@@ -5,12 +5,18 @@ never imports timm_binaryvit itself, so what is seen is the work of the
 installed ``timm_binaryvit_autoload.pth``.  The hook is installed by
 ``pip install -e .`` / ``pip install .`` (see setup.py); these tests fail
 with a hint when the install predates it.
+
+Each check starts a Python with torch and timm (seconds on a 2-core CPU), so all but two are
+``slow``: the hook's file and ``import timm`` importing the plugin stay in the quick selection.
 """
 import importlib.metadata
+import importlib.util
 import os
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import venv
 from pathlib import Path
@@ -61,6 +67,7 @@ def test_pth_is_one_import_line(installed_pth):
     assert len(lines) == 1 and lines[0].startswith("import "), lines
 
 
+@pytest.mark.slow
 def test_startup_imports_nothing_heavy(installed_pth, cwd):
     proc = run_python(f"""
         import sys
@@ -90,6 +97,7 @@ def test_import_timm_imports_plugin(installed_pth, cwd):
     assert "Warning" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_import_timm_registers_models(installed_pth, cwd):
     run_python("""
         import timm
@@ -100,6 +108,7 @@ def test_import_timm_registers_models(installed_pth, cwd):
     """, cwd=cwd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("statement", ["from timm.models import create_model", "import timm.models"])
 def test_submodule_imports(installed_pth, cwd, statement):
     run_python(f"""
@@ -109,6 +118,7 @@ def test_submodule_imports(installed_pth, cwd, statement):
     """, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_isolated_mode(installed_pth, cwd):
     # -I ignores PYTHON* variables and user site, but site-packages .pth files still run.
     run_python("""
@@ -119,6 +129,7 @@ def test_isolated_mode(installed_pth, cwd):
     """, "-I", cwd=cwd)
 
 
+@pytest.mark.slow
 def test_plugin_first_does_not_recurse(installed_pth, cwd):
     run_python(f"""
         import sys
@@ -128,6 +139,7 @@ def test_plugin_first_does_not_recurse(installed_pth, cwd):
     """, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_timm_already_imported(installed_pth, cwd):
     # Drop the finder, import timm, then run the installed .pth line late.
     run_python(f"""
@@ -141,12 +153,14 @@ def test_timm_already_imported(installed_pth, cwd):
     """, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_switch_off(installed_pth, cwd):
     proc = run_python(f"import sys; print({COUNT_HOOKS})", cwd=cwd,
                       extra_env={"TIMM_BINARYVIT_AUTOLOAD": "0"})
     assert proc.stdout.strip() == "0"
 
 
+@pytest.mark.slow
 def test_broken_plugin_warns_and_timm_works(installed_pth, tmp_path):
     # A broken timm_binaryvit ahead of the real one on sys.path.
     fake = tmp_path / "fake" / "timm_binaryvit"
@@ -183,25 +197,58 @@ def _buildable_copy(dest):
     return dest
 
 
+def _can_build_offline():
+    """setuptools >= 64 here, and a bdist_wheel: its own from 70.1 on, else the wheel package's."""
+    try:
+        version = tuple(int(v) for v in importlib.metadata.version("setuptools").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return version >= (70, 1) or (version >= (64, 0) and importlib.util.find_spec("wheel") is not None)
+
+
+def _site_dirs():
+    """The site-packages folders of the interpreter running the tests, in its sys.path order."""
+    dirs = [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    order = {os.path.realpath(p): i for i, p in enumerate(sys.path)}
+    found = []
+    for d in dirs:
+        if os.path.isdir(d) and os.path.realpath(d) not in {os.path.realpath(f) for f in found}:
+            found.append(d)
+    return sorted(found, key=lambda d: order.get(os.path.realpath(d), len(order)))
+
+
 @pytest.mark.slow
 def test_wheel_install_ships_hook(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     _buildable_copy(project)
     wheels = tmp_path / "wheels"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "-q", "-w", str(wheels), str(project)],
-        check=True, capture_output=True, text=True, timeout=300,
+    # Offline with the build backend at hand (the usual case); a fresh `python3 -m venv` of Python 3.12+ has no
+    # setuptools, and then pip fetches the build requirements from the package index into an isolated build.
+    offline = ["--no-build-isolation", "--no-index"] if _can_build_offline() else []
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "-q", "-w", str(wheels), str(project)],
+        capture_output=True, text=True, timeout=600,
     )
+    assert build.returncode == 0, f"building the wheel failed:\n{build.stdout[-2000:]}\n{build.stderr[-3000:]}"
     (wheel,) = wheels.glob("timm_binaryvit-*.whl")
 
-    # A venv that sees the system site-packages (torch, timm, pip, and the
-    # editable install with its own copy of the .pth).  It has no pip of its
-    # own; the system pip, run by the venv's python, installs into the venv.
+    # A venv of its own (no pip, no site-packages of any interpreter) that sees the packages of the interpreter
+    # running these tests (torch, timm, pip) through a .pth file of plain paths. Plain path lines do not run
+    # the .pth files inside those folders, so the editable install's hook and path are not seen: only the
+    # wheel's. This works whether the tests run in the system interpreter or in a `python3 -m venv` environment
+    # (whose packages `system_site_packages=True` would not show: that sees the base interpreter's).
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, system_site_packages=True, with_pip=False, symlinks=os.name != "nt")
+    venv.create(env_dir, system_site_packages=False, with_pip=False, symlinks=os.name != "nt")
     python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    inner_purelib = Path(run_python("import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                                    python=python, cwd=tmp_path).stdout.strip())
+    inner_purelib.mkdir(parents=True, exist_ok=True)
+    (inner_purelib / "outer_environment.pth").write_text("".join(f"{d}\n" for d in _site_dirs()), encoding="utf-8")
+    # pip (the outer environment's, run by the venv's python) installs into the venv; --ignore-installed keeps
+    # it from uninstalling the outer editable install it can see.
     subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
         check=True, capture_output=True, text=True, timeout=300, cwd=tmp_path,

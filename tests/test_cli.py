@@ -2,12 +2,12 @@
 
 A few runs go through a subprocess (``python -m timm_binaryvit.cli`` and the installed console
 script), the rest call ``timm_binaryvit.cli.main`` in process, which is the same code without
-paying for a fresh interpreter. Commands backed by modules that other parts of the project
-provide (``profile``, ``deploy``, ``examples/train_digits.py``) skip, saying so, while those are absent.
+paying for a fresh interpreter.
 """
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,12 +19,12 @@ from safetensors.torch import load_file, save_file
 
 import timm
 
-from timm_binaryvit import cli, hub
+from timm_binaryvit import cli, hub, kernels
 
 from conftest import AUTHORS_VARIANTS, REFERENCE_DIR, reference_model_kwargs, require_reference
 
 REGISTERED = hub.registered_models()
-COMMANDS = ('list', 'profile', 'capability', 'convert', 'export', 'demo')
+COMMANDS = ('list', 'profile', 'capability', 'convert', 'export', 'kernels', 'demo')
 TINY_PYRAMID = ['--embed-dims', '16', '32', '64', '128', '--depths', '1', '1', '1', '1', '--num-heads', '1', '2', '4',
                 '8', '--mlp-ratios', '2', '2', '2', '2', '--sr-ratios', '2', '2', '1', '1', '--img-size', '64']
 TAGS = sorted(json.loads((REFERENCE_DIR / 'manifest.json').read_text())) \
@@ -50,19 +50,6 @@ def call(capsys, *args):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
-
-
-def has_module(name, attribute):
-    try:
-        return callable(getattr(importlib.import_module(f'timm_binaryvit.{name}'), attribute, None))
-    except ImportError:
-        return False
-
-
-needs_profile = pytest.mark.skipif(not has_module('profile', 'profile'),
-                                   reason='timm_binaryvit.profile.profile (provided separately) is not there yet')
-needs_deploy = pytest.mark.skipif(not has_module('deploy', 'export_packed'),
-                                  reason='timm_binaryvit.deploy.export_packed (provided separately) is not there yet')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,20 +128,17 @@ def test_list_subprocess():
     for name in REGISTERED:
         assert name in proc.stdout
     assert f'[1/{len(REGISTERED)}] building' in proc.stderr  # progress
-    if has_module('profile', 'profile'):
-        assert '%' in proc.stdout and 'MB' in proc.stdout and 'profile failed' not in proc.stdout
+    assert '%' in proc.stdout and 'MB' in proc.stdout and 'profile failed' not in proc.stdout
 
 
-def test_list_without_profile_module(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, 'timm_binaryvit.profile', None)  # import fails as if it were absent
-    code, out, err = call(capsys, 'list', '--filter', 'binaryvit*')
+def test_list_without_profile(capsys):
+    code, out, err = call(capsys, 'list', '--filter', 'binaryvit*', '--no-profile')
     assert code == 0
     assert 'binaryvit_small_patch4_224' in out and 'binary_deit' not in out
-    assert 'need timm_binaryvit.profile' in out
+    assert 'skipped (--no-profile)' in out
     assert '22.49 M' in out  # parameters still listed
 
 
-@needs_profile
 def test_list_binary_share_matches_profile(capsys):
     from timm_binaryvit.profile import profile
 
@@ -165,7 +149,6 @@ def test_list_binary_share_matches_profile(capsys):
     assert f'{share:.1f}%' in out
 
 
-@needs_profile
 def test_profile(capsys):
     code, out, err = call(capsys, 'profile', 'binaryvit', *TINY_PYRAMID)
     assert code == 0, err
@@ -175,7 +158,6 @@ def test_profile(capsys):
     assert out2 == out
 
 
-@needs_profile
 @pytest.mark.slow
 def test_profile_subprocess():
     proc = run_cli('profile', 'binary_deit_small_patch16_224', '--depth', '1', '--input-size', '3', '224', '224')
@@ -183,10 +165,27 @@ def test_profile_subprocess():
     assert 'blocks.0' in proc.stdout
 
 
-def test_profile_without_profile_module(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, 'timm_binaryvit.profile', None)
-    code, _, err = call(capsys, 'profile', 'binaryvit')
-    assert code == 1 and 'timm_binaryvit.profile' in err
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def test_profile_plot(capsys, tmp_path):
+    pytest.importorskip('matplotlib', reason='the plot extra (matplotlib) is not installed')
+    png = tmp_path / 'sub' / 'profile.png'
+    code, out, err = call(capsys, 'profile', 'binaryvit', *TINY_PYRAMID, '--plot', png)
+    assert code == 0, err
+    assert 'stages.0.blocks.0.attn.q' in out and f'wrote {png}' in out
+    data = png.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
+
+
+def test_profile_plot_without_matplotlib(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import fails as if it were not installed
+    png = tmp_path / 'profile.png'
+    code, out, err = call(capsys, 'profile', 'binaryvit', *TINY_PYRAMID, '--plot', png)
+    assert code == 1
+    assert 'stages.0.blocks.0.attn.q' in out  # the table is still printed
+    assert 'matplotlib' in err and 'pip install "timm-binaryvit[plot]"' in err
+    assert not png.exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,16 +328,15 @@ def test_convert_unreadable_checkpoint(capsys, tmp_path):
 # export
 
 
-def test_export_without_deploy_module(capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, 'timm_binaryvit.deploy', None)
-    code, _, err = call(capsys, 'export', 'binaryvit', '--out', 'x.bin')
-    assert code == 1 and 'timm_binaryvit.deploy' in err
+def _deploy_module():
+    # the module, not the package attribute ``timm_binaryvit.deploy``, which is the deploy() function
+    return importlib.import_module('timm_binaryvit.deploy')
 
 
 def test_export_checkpoint_needs_model(capsys, tmp_path, monkeypatch):
     checkpoint = tmp_path / 'c.pth'
     torch.save({}, checkpoint)
-    monkeypatch.setattr(cli, '_require', lambda *a: (lambda model, path: None))
+    monkeypatch.setattr(_deploy_module(), 'export_packed', lambda model, path: None)
     code, _, err = call(capsys, 'export', checkpoint, '--out', tmp_path / 'x.bin')
     assert code == 2 and '--model' in err
 
@@ -351,8 +349,10 @@ def test_export_calls_export_packed(capsys, tmp_path, monkeypatch, source):
     def fake_export_packed(model, path):
         seen['model'] = model
         Path(path).write_bytes(b'\0' * 1000)
+        return dict(path=str(path), packed_bytes=1000, float32_bytes=32_000, ratio=32.0, binary_tensors=3,
+                    binary_weights=7, other_values=11)
 
-    monkeypatch.setattr(cli, '_require', lambda *a: fake_export_packed)
+    monkeypatch.setattr(_deploy_module(), 'export_packed', fake_export_packed)
     model = timm.create_model('binaryvit', **cli_kwargs()).eval()
     if source == 'repo':
         hub.save_pretrained(model, tmp_path / 'repo')
@@ -377,7 +377,6 @@ def cli_kwargs():
                 sr_ratios=(2, 2, 1, 1), img_size=64)
 
 
-@needs_deploy
 @pytest.mark.slow
 def test_export_subprocess(tmp_path):
     model = timm.create_model('binaryvit', **cli_kwargs()).eval()
@@ -386,6 +385,53 @@ def test_export_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / 'model.packed').is_file()
     assert 'float32' in proc.stdout and 'packed' in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+
+TINY_KERNEL_ARGS = ['--model', 'binaryvit', '--img-size', '32', '--batch-size', '2', '--model-kwargs',
+                    'embed_dims=[16,32,64,128]', 'depths=[1,1,1,1]', 'num_heads=[1,2,4,8]', 'mlp_ratios=[2,2,2,2]']
+
+
+def _choice_lines(out):
+    return [line for line in out.splitlines() if ' -> ' in line]
+
+
+@pytest.mark.parametrize('mode', ['int8', 'float'])
+def test_kernels_forced_mode(capsys, mode):
+    kernels.clear_cache()  # only this run's choices in the report (later products measure again)
+    before = kernels.get_mode()
+    code, out, err = call(capsys, 'kernels', *TINY_KERNEL_ARGS, '--mode', mode)
+    assert code == 0, err
+    assert kernels.get_mode() == before  # the forced mode held for the command only
+    assert re.search(r'^binaryvit +2x3x32x32 ', out, re.M), out
+    assert f'CPU: {kernels.describe_machine()}' in out
+    assert f'mode: {mode} ' in out
+    lines = _choice_lines(out)
+    assert lines, 'no product asked timm_binaryvit.kernels.choose() which kernel to run'
+    for line in lines:
+        kind = line.split(' -> ')[1].split()[0]
+        assert kind == mode or (kind == 'float' and f"mode {mode!r} forced" in line), line
+
+
+def test_kernels_bad_arguments(capsys):
+    code, _, err = call(capsys, 'kernels', '--model', 'no_such_model')
+    assert code == 2 and "unknown model 'no_such_model'" in err
+    code, _, err = call(capsys, 'kernels', *TINY_KERNEL_ARGS, '--batch-size', '0')
+    assert code == 2 and '--batch-size' in err
+    code, _, err = call(capsys, 'kernels', '--mode', 'fast')
+    assert code == 2 and 'invalid choice' in err
+
+
+@pytest.mark.slow
+def test_kernels_subprocess_default_models():
+    proc = run_cli('kernels', '--batch-size', '1', '--img-size', '64')
+    assert proc.returncode == 0, proc.stderr
+    for name in cli.DEFAULT_KERNEL_MODELS:
+        assert re.search(rf'^{name} +1x3x64x64 ', proc.stdout, re.M), proc.stdout
+    assert 'CPU: ' in proc.stdout and 'mode: auto' in proc.stdout
+    assert 'measured: ' in proc.stdout  # auto mode times the candidates and shows the times
 
 
 # ---------------------------------------------------------------------------------------------

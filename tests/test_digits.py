@@ -3,7 +3,8 @@
 Runs ``main(['--quick', ...])`` in-process: export of scikit-learn's digits to an
 ImageFolder, a full-precision teacher saved with ``save_for_hf`` and reloaded through
 ``local-dir:``, a binary student distilled from it with ``LogitDistillationTask`` and the
-same student trained without a teacher, then the printed table.
+same student trained without a teacher, then the printed table and the PNG of the learning
+curves and the distilled student's confusion matrix.
 """
 import contextlib
 import importlib.util
@@ -134,3 +135,70 @@ def test_table_without_ops(example):
     assert cells(lines[2])[4] == '-'
     assert cells(lines[3])[4] == '2.500M'
     assert cells(lines[2])[3] == '1,234'
+
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+
+
+def _history(epochs, top1):
+    return [dict(epoch=e + 1, train_loss=2.0 / (e + 1), train_top1=top1 * (e + 1) / epochs, loss=2.5 / (e + 1),
+                 top1=top1 * (e + 1) / epochs, top5=100.0) for e in range(epochs)]
+
+
+def test_plot_results(example, tmp_path):
+    pytest.importorskip('matplotlib', reason='the plot extra (matplotlib) is not installed')
+    history = {'teacher': _history(3, 99.0), 'student_kd': _history(4, 95.0), 'student_ce': _history(4, 90.0)}
+    confusion = [[30 if i == j else (1 if j == (i + 1) % 10 else 0) for j in range(10)] for i in range(10)]
+    path = example.plot_results(history, confusion, tmp_path / 'sub' / 'curves.png')
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 20_000
+
+
+def test_confusion_matrix_counts(example):
+    class Fixed(torch.nn.Module):  # predicts (label + 1) % 10 for the first half, the label for the rest
+        def forward(self, x):
+            labels = x[:, 0, 0, 0].long()
+            predicted = torch.where(torch.arange(len(x)) < len(x) // 2, (labels + 1) % 10, labels)
+            return torch.nn.functional.one_hot(predicted, 10).float()
+
+    targets = torch.arange(20) % 10
+    images = targets.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+    confusion = example.confusion_matrix(Fixed(), [(images, targets)])
+    assert sum(map(sum, confusion)) == 20
+    for i in range(10):
+        assert confusion[i][(i + 1) % 10] == 1 and confusion[i][i] == 1
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(example, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)  # import fails as if it were not installed
+    with pytest.raises(ImportError, match=r'pip install "timm-binaryvit\[plot\]"'):
+        example.plot_results({'student_kd': _history(2, 50.0)}, [[0] * 10] * 10, tmp_path / 'x.png')
+    assert not (tmp_path / 'x.png').exists()
+
+
+@pytest.mark.slow
+def test_quick_run_draws_the_picture(quick_run):
+    pytest.importorskip('matplotlib', reason='the plot extra (matplotlib) is not installed')
+    out, results, log = quick_run
+    path = out / 'digits_results.png'
+    assert results['paths']['plot'] == str(path)
+    assert path.read_bytes().startswith(PNG_SIGNATURE) and path.stat().st_size > 20_000
+    assert f'learning curves and confusion matrix: {path}' in log
+    confusion = results['confusion_student_kd']
+    assert sum(map(sum, confusion)) == results['counts']['validation']
+    correct = sum(confusion[i][i] for i in range(10))
+    assert correct / sum(map(sum, confusion)) * 100 == pytest.approx(results['results']['student_kd']['top1'])
+
+
+@pytest.mark.slow
+def test_run_finishes_without_matplotlib(example, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    threads = torch.get_num_threads()
+    try:
+        results = example.main(['--quick', '--epochs', '1', '--teacher-epochs', '1', '--skip-baseline',
+                                '--output', str(tmp_path), '--threads', '1'])
+    finally:
+        torch.set_num_threads(threads)
+    log = capsys.readouterr().out
+    assert 'no picture drawn' in log and 'pip install "timm-binaryvit[plot]"' in log
+    assert results['paths']['plot'] is None and (tmp_path / 'results.json').is_file()

@@ -423,6 +423,28 @@ def test_full_size_configuration_roundtrips(tmp_path, name):
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
+@pytest.mark.parametrize('name', REGISTERED)
+def test_model_family_by_name_and_by_model(name):
+    """One answer to "which family is this": from the registered name without building, and from the model."""
+    model = timm.create_model(name, device='meta')
+    family = hub.model_family(name)
+    assert family == hub.model_family(model) == ('pyramid' if hasattr(model, 'stages') else 'deit')
+    # constructor_args is the model's own model_args(), and rebuilds the same architecture
+    assert hub.constructor_args(model) == model.model_args()
+    rebuilt = timm.create_model(name, device='meta', **hub.constructor_args(model))
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def test_model_family_rejects_others():
+    assert hub.model_family('reactdeit') == 'deit' and hub.model_family('binaryvit') == 'pyramid'
+    with pytest.raises(ValueError, match='not one of timm_binaryvit'):
+        hub.model_family('resnet18')
+    with pytest.raises(ValueError, match='unknown model'):
+        hub.model_family('no_such_model')
+    with pytest.raises(TypeError, match='not a BinaryViT or BinaryDeiT'):
+        hub.model_family(torch.nn.Linear(2, 2))
+
+
 def test_save_pretrained_refuses_what_it_cannot_rebuild(tmp_path):
     model = timm.create_model('binaryvit', **PYRAMID)
     model.stages = model.stages[:2]  # what prune_intermediate_layers(indices=(0, 1)) leaves

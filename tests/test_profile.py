@@ -29,7 +29,7 @@ REFERENCE_OPS = {
     'binary_deit_small_gap_mb_affine_patch16_224': 1.29e8,
 }
 
-# Parameter counts of the authors' code at 1000 classes (ARCHITECTURE.md section 4).
+# Parameter counts of the authors' code at 1000 classes (docs/architecture.md).
 AUTHORS_PARAMS = {
     'binary_deit_small_patch16_224': 22_294_900,
     'binary_deit_small_gap_patch16_224': 22_294_132,
@@ -56,7 +56,7 @@ def _profile_registered(name: str) -> ProfileResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Analytic counts, written from ARCHITECTURE.md (batch 1): (BOPs, FLOPs)
+# Analytic counts, written from the computation in docs/architecture.md (batch 1): (BOPs, FLOPs)
 
 
 def binaryvit_macs(img_size=(224, 224), in_chans=3, patch_size=4, embed_dims=(64, 128, 256, 512),

@@ -1,32 +1,27 @@
-"""Fetch timm's own source files (its stock scripts and its model test-suite) at test time.
+"""Where the tests find timm's own source files: its stock scripts and its model test-suite.
 
-Nothing from timm's repository is kept in this repository: the files are fetched for the *installed* timm version,
-extracted into a cache directory and used from there.
+Nothing from timm's repository is kept in this repository.
 
-Where the files come from, in order:
+* **Stock scripts** (``train.py``, ``validate.py``, ``inference.py``, ``benchmark.py``, ``onnx_export.py``,
+  ``onnx_validate.py``): timm ships them in neither its wheel nor its sdist, only in its GitHub repository. They are
+  read, unmodified, from ``../shared/timm-scripts/`` beside the repository root, or from the folder named by
+  ``TIMM_SCRIPTS_DIR``. A missing folder or script fails the test under ``CI=true`` and skips it otherwise, with the
+  path that was looked at.
+* **timm's model test-suite** (``tests/test_models.py``): taken from timm's source distribution on PyPI for the
+  *installed* timm version (``pip download --no-deps --no-binary :all: timm==<version>``), extracted into
+  ``$TIMM_BINARYVIT_CACHE/timm-src-<version>`` (default ``~/.cache/timm-binaryvit/timm-src-<version>``), or copied
+  from ``TIMM_SOURCE_DIR``, a checkout of huggingface/pytorch-image-models at the installed version's tag. A failed
+  download fails the test under ``CI=true`` and skips it otherwise.
 
-1. ``TIMM_SOURCE_DIR``: a checkout of huggingface/pytorch-image-models at the tag of the installed timm (its
-   ``timm/version.py`` is checked). The files needed are copied into the cache, so that running a script from there
-   never imports the checkout's ``timm`` package instead of the installed one.
-2. The cache: ``$TIMM_BINARYVIT_CACHE/timm-src-<version>`` (default ``~/.cache/timm-binaryvit/timm-src-<version>``).
-3. timm's source distribution on PyPI (``pip download --no-deps --no-binary :all: timm==<version>``). It holds
-   ``tests/`` (and so ``tests/test_models.py``) but, as of timm 1.0.x, *not* the scripts (``train.py``,
-   ``validate.py``, ``inference.py``, ``benchmark.py``), which exist only in the GitHub repository.
-4. For the scripts only: the GitHub release archive of the matching tag, unless ``TIMM_BINARYVIT_NO_GITHUB=1``.
-
-Only the repository root's ``*.py`` files, ``tests/`` and ``pyproject.toml`` are extracted; timm's own ``timm/``
-package never is, so a script run from the cache imports the installed timm.
-
-Failure policy (``require``): if the PyPI download itself fails, a test needing the files fails when ``CI`` is set
-(``CI=true``) and is skipped otherwise. If the download works but no source provides the stock scripts (the normal
-case where GitHub is out of reach), tests needing them are skipped with that reason, unless
-``TIMM_BINARYVIT_REQUIRE_SCRIPTS=1``, which makes that a failure too.
+Only the archive's top-level ``*.py`` files, ``tests/`` and ``pyproject.toml`` are extracted; timm's own ``timm/``
+package never is, so whatever runs from the cache imports the installed timm.
 """
 from __future__ import annotations
 
 import ast
 import contextlib
 import functools
+import importlib.util
 import io
 import os
 import shutil
@@ -34,7 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import urllib.request
+import uuid
 import zipfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
@@ -42,23 +37,21 @@ from typing import Dict, Iterable, List, Optional
 import timm
 
 __all__ = [
-    'SCRIPTS', 'TEST_MODELS', 'TimmSourceUnavailable', 'cache_dir', 'get_files', 'require', 'require_scripts',
-    'require_test_models', 'script_arguments', 'timm_version',
+    'SCRIPTS', 'TEST_MODELS', 'SCRIPTS_ENV', 'TimmSourceUnavailable', 'cache_dir', 'get_files', 'in_ci',
+    'load_script_module', 'require', 'require_scripts', 'require_test_models', 'script_arguments', 'scripts_dir',
+    'timm_version',
 ]
 
-SCRIPTS = ('train.py', 'validate.py', 'inference.py', 'benchmark.py')
+SCRIPTS = ('train.py', 'validate.py', 'inference.py', 'benchmark.py', 'onnx_export.py', 'onnx_validate.py')
+SCRIPTS_ENV = 'TIMM_SCRIPTS_DIR'
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SCRIPTS_DIR = REPO_ROOT.parent / 'shared' / 'timm-scripts'
 TEST_MODELS = 'tests/test_models.py'
-GITHUB_ARCHIVE = 'https://codeload.github.com/huggingface/pytorch-image-models/tar.gz/refs/tags/v{version}'
 _COMPLETE = '.complete'
 
 
 class TimmSourceUnavailable(RuntimeError):
-    """The files could not be obtained. ``download_failed`` tells a failed download (network, index) apart from
-    files that the sources reached simply do not contain."""
-
-    def __init__(self, message: str, download_failed: bool):
-        super().__init__(message)
-        self.download_failed = download_failed
+    """The files could not be obtained."""
 
 
 def timm_version() -> str:
@@ -72,6 +65,61 @@ def _truthy(name: str) -> bool:
 def in_ci() -> bool:
     return _truthy('CI')
 
+
+def _fail_or_skip(reason: str):
+    """Inside a test: fail under ``CI=true`` (CI must run everything), skip otherwise."""
+    import pytest
+
+    if in_ci():
+        pytest.fail(reason + ' (CI=true requires it)', pytrace=False)
+    pytest.skip(reason)
+
+
+# --- the stock scripts -------------------------------------------------------------------------------------------
+
+def scripts_dir() -> Path:
+    """``$TIMM_SCRIPTS_DIR`` if set, else ``../shared/timm-scripts`` beside the repository root."""
+    env = os.environ.get(SCRIPTS_ENV, '').strip()
+    return Path(env).expanduser().resolve() if env else DEFAULT_SCRIPTS_DIR
+
+
+def find_scripts(names: Iterable[str] = SCRIPTS) -> Dict[str, Path]:
+    """``{name: path}`` of timm's stock scripts; raises ``TimmSourceUnavailable`` naming what is missing where."""
+    folder = scripts_dir()
+    source = f'${SCRIPTS_ENV}' if os.environ.get(SCRIPTS_ENV, '').strip() else 'the default location'
+    if not folder.is_dir():
+        raise TimmSourceUnavailable(
+            f"timm's stock scripts not found: {folder} ({source}) is not a folder. Put timm's unmodified train.py, "
+            f"validate.py, inference.py, benchmark.py, onnx_export.py and onnx_validate.py there (they live only in "
+            f"timm's GitHub repository), or set {SCRIPTS_ENV} to a folder holding them.")
+    names = list(names)
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise TimmSourceUnavailable(f"timm's stock scripts: {', '.join(missing)} missing from {folder} ({source})")
+    return {n: folder / n for n in names}
+
+
+def require_scripts(names: Iterable[str] = SCRIPTS) -> Dict[str, Path]:
+    """``find_scripts`` inside a test: a failure under ``CI=true``, a skip with the reason otherwise."""
+    try:
+        return find_scripts(names)
+    except TimmSourceUnavailable as e:
+        _fail_or_skip(str(e))
+
+
+def load_script_module(path):
+    """Import a stock script as a module (its ``if __name__ == '__main__'`` part does not run), e.g. to use the
+    ``argparse`` parser ``train.py`` builds at import. Each call gives a fresh module, so ``set_defaults`` on one
+    does not leak into the next."""
+    path = Path(path)
+    name = f'_timm_script_{path.stem}_{uuid.uuid4().hex[:8]}'
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- timm's model test-suite, from its PyPI sdist ----------------------------------------------------------------
 
 def cache_dir(version: Optional[str] = None) -> Path:
     root = os.environ.get('TIMM_BINARYVIT_CACHE') or os.path.join(
@@ -144,30 +192,15 @@ def _pip_download_sdist(version: str, dest: Path) -> None:
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
-            raise TimmSourceUnavailable(f'`pip download timm=={version}` did not run: {e!r}', True) from e
+            raise TimmSourceUnavailable(f'`pip download timm=={version}` did not run: {e!r}') from e
         if proc.returncode != 0:
             tail = '\n'.join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
-            raise TimmSourceUnavailable(
-                f'`{" ".join(cmd[2:])}` failed (exit {proc.returncode}):\n{tail}', True)
+            raise TimmSourceUnavailable(f'`{" ".join(cmd[2:])}` failed (exit {proc.returncode}):\n{tail}')
         archives = [p for p in Path(tmp).iterdir() if p.name.lower().startswith('timm')]
         if not archives:
-            raise TimmSourceUnavailable(f'pip download left no timm archive in {tmp}', True)
-        archive = archives[0]
-        data = archive.read_bytes()
-        if archive.name.endswith('.zip'):
-            _extract_zip(data, dest)
-        else:
-            _extract_tar(data, dest)
-
-
-def _github_download(version: str, dest: Path) -> None:
-    url = GITHUB_ARCHIVE.format(version=version)
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            data = r.read()
-    except Exception as e:  # no network, DNS failure, 404, ...
-        raise TimmSourceUnavailable(f'could not download {url}: {e!r}', True) from e
-    _extract_tar(data, dest)
+            raise TimmSourceUnavailable(f'pip download left no timm archive in {tmp}')
+        data = archives[0].read_bytes()
+        (_extract_zip if archives[0].name.endswith('.zip') else _extract_tar)(data, dest)
 
 
 def _source_dir_version(src: Path) -> Optional[str]:
@@ -189,7 +222,7 @@ def _copy_from_source_dir(relpaths: Iterable[str], dest: Path) -> None:
     found_version = _source_dir_version(src)
     if found_version is not None and found_version != timm_version():
         raise TimmSourceUnavailable(
-            f'TIMM_SOURCE_DIR={src} is timm {found_version}, the installed timm is {timm_version()}', False)
+            f'TIMM_SOURCE_DIR={src} is timm {found_version}, the installed timm is {timm_version()}')
     for rel in relpaths:
         if (src / rel).is_file():  # the checkout wins over what the cache holds
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -197,63 +230,36 @@ def _copy_from_source_dir(relpaths: Iterable[str], dest: Path) -> None:
 
 
 def get_files(relpaths: Iterable[str], version: Optional[str] = None) -> Dict[str, Path]:
-    """Return ``{relpath: path}`` for files of timm's source tree (``'train.py'``, ``'tests/test_models.py'``),
-    fetching them if needed. Raises ``TimmSourceUnavailable``."""
+    """Return ``{relpath: path}`` for files of timm's source distribution (``'tests/test_models.py'``), fetching
+    them if needed. Raises ``TimmSourceUnavailable``."""
     version = version or timm_version()
     relpaths = list(relpaths)
     dest = cache_dir(version)
     with _locked(dest.parent / f'.timm-src-{version}.lock'):
         dest.mkdir(parents=True, exist_ok=True)
         _copy_from_source_dir(relpaths, dest)
-
-        def missing():
-            return [r for r in relpaths if not (dest / r).is_file()]
-
-        errors = []
-        if missing() and not (dest / _COMPLETE).exists():
+        missing = [r for r in relpaths if not (dest / r).is_file()]
+        if missing and not (dest / _COMPLETE).exists():
             try:
                 _pip_download_sdist(version, dest)
             except TimmSourceUnavailable as e:
                 raise TimmSourceUnavailable(
-                    f'could not fetch the source of timm {version} from the package index: {e}', True) from e
+                    f'could not fetch the source of timm {version} from the package index: {e}') from e
             (dest / _COMPLETE).write_text(f'timm {version} sdist extracted\n')
-        sdist_missing = missing()
-        if sdist_missing and not _truthy('TIMM_BINARYVIT_NO_GITHUB'):
-            try:
-                _github_download(version, dest)
-            except TimmSourceUnavailable as e:
-                errors.append(str(e))
-                # remember the failure for this process tree only: a later session may have network
-                os.environ.setdefault('TIMM_BINARYVIT_NO_GITHUB', '1')
-        still_missing = missing()
-        if still_missing:
-            msg = (
-                f'timm {version}: {", ".join(still_missing)} not available. timm\'s source distribution on PyPI '
-                f'does not ship them (the stock scripts live only in the GitHub repository). Set TIMM_SOURCE_DIR '
-                f'to a checkout of huggingface/pytorch-image-models at tag v{version}, or put the files into '
-                f'{dest}.'
-            )
-            if errors:
-                msg += ' Tried: ' + '; '.join(errors)
-            raise TimmSourceUnavailable(msg, False)
+        missing = [r for r in relpaths if not (dest / r).is_file()]
+        if missing:
+            raise TimmSourceUnavailable(
+                f"timm {version}: {', '.join(missing)} not in its source distribution (extracted into {dest}); set "
+                f"TIMM_SOURCE_DIR to a checkout of huggingface/pytorch-image-models at tag v{version}")
     return {r: dest / r for r in relpaths}
 
 
 def require(relpaths: Iterable[str], version: Optional[str] = None) -> Dict[str, Path]:
-    """``get_files`` for use inside a test: fails under CI when the download itself failed (or always, with
-    ``TIMM_BINARYVIT_REQUIRE_SCRIPTS=1``), otherwise skips with the reason."""
-    import pytest
-
+    """``get_files`` inside a test: a failure under ``CI=true``, a skip with the reason otherwise."""
     try:
         return get_files(relpaths, version)
     except TimmSourceUnavailable as e:
-        if (e.download_failed and in_ci()) or _truthy('TIMM_BINARYVIT_REQUIRE_SCRIPTS'):
-            pytest.fail(str(e), pytrace=False)
-        pytest.skip(str(e))
-
-
-def require_scripts(names: Iterable[str] = SCRIPTS) -> Dict[str, Path]:
-    return require(names)
+        _fail_or_skip(str(e))
 
 
 def require_test_models() -> Path:
@@ -272,8 +278,8 @@ def _const(node):
 def script_arguments(path) -> Dict[str, dict]:
     """The ``add_argument`` calls of a script, by destination name (``--kd-model-name`` -> ``kd_model_name``).
 
-    Read from the source with ``ast``, so the script (which parses ``sys.argv`` and may touch devices at import) is
-    never run. Each value holds ``options`` (the option strings), ``type`` (the name of the ``type=`` callable, if
+    Read from the source with ``ast``, so the script is never imported (``onnx_validate.py`` imports onnxruntime at
+    module level). Each value holds ``options`` (the option strings), ``type`` (the name of the ``type=`` callable, if
     any), ``action``, ``nargs``, ``choices`` and ``default`` (literal values only, else ``None``)."""
     tree = ast.parse(Path(path).read_text(), filename=str(path))
     found = {}

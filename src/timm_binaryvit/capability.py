@@ -18,7 +18,7 @@ fully-binary DeiT-S, with these rules:
   average pooling multiplies by the number of positions.
 
 Read together, the rules make two kinds of step, which is how they are applied
-to the layers the supplementary does not treat (see ``docs_capability.md``):
+to the layers the supplementary does not treat (see docs/profile.md in the source repository):
 
 * a *binary* operation (binary FC / conv reading ``sign(x)``, the binary
   attention product) produces a fresh value with ``fan-in`` (or ``keys``) values,

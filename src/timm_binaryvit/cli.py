@@ -7,19 +7,20 @@ Commands (``timm-binaryvit COMMAND --help`` for each):
 * ``capability``  representational capability (BinaryViT supplementary, section 3), term by term
 * ``convert``     a checkpoint trained with the authors' code -> a Hugging Face Hub repo folder
 * ``export``      a model -> the packed 1-bit deployment file
+* ``kernels``     the CPU, torch's build and the kernel chosen for each product (timm_binaryvit.kernels)
 * ``demo``        train a tiny model on scikit-learn's digits (examples/train_digits.py)
 
-Exit status: 0 on success, 1 when the work fails (a file that cannot be read, a missing
-optional module), 2 for a usage error (unknown model name, bad arguments).
+Exit status: 0 on success, 1 when the work fails (a file that cannot be read, matplotlib
+missing for ``--plot``), 2 for a usage error (unknown model name, bad arguments).
 """
 import argparse
 import ast
-import importlib
 import inspect
 import json
 import os
 import sys
 from pathlib import Path
+import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ['main', 'build_parser']
@@ -38,27 +39,6 @@ class CliError(Exception):
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _optional(module: str, attribute: str) -> Tuple[Optional[Callable], Optional[str]]:
-    """``(function, None)`` if ``timm_binaryvit.<module>.<attribute>`` exists, else ``(None, why)``."""
-    try:
-        mod = importlib.import_module(f'timm_binaryvit.{module}')
-    except ImportError as e:
-        if getattr(e, 'name', None) == f'timm_binaryvit.{module}':
-            return None, f'timm_binaryvit.{module} is not part of this installation'
-        return None, f'timm_binaryvit.{module} cannot be imported: {e}'
-    fn = getattr(mod, attribute, None)
-    if fn is None:
-        return None, f'timm_binaryvit.{module} has no {attribute}()'
-    return fn, None
-
-
-def _require(module: str, attribute: str, command: str) -> Callable:
-    fn, why = _optional(module, attribute)
-    if fn is None:
-        raise CliError(f'`{command}` needs timm_binaryvit.{module}.{attribute}(): {why}', code=1)
-    return fn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,13 +97,6 @@ def _key_values(items: Optional[Sequence[str]]) -> Dict[str, Any]:
     return out
 
 
-def _model_family(name: str) -> str:
-    import timm
-
-    model = timm.create_model(name, device='meta')
-    return 'pyramid' if hasattr(model, 'stages') else 'deit'
-
-
 def _model_kwargs(args: argparse.Namespace, name: str) -> Dict[str, Any]:
     """The model options of a command line, shaped for the model family of ``name``."""
     kwargs: Dict[str, Any] = {}
@@ -131,7 +104,9 @@ def _model_kwargs(args: argparse.Namespace, name: str) -> Dict[str, Any]:
                  'mlp_ratios': 'mlp_ratio', 'sr_ratios': None}
     given = {k: getattr(args, k, None) for k in per_stage}
     if any(v is not None for v in given.values()):
-        family = _model_family(name)
+        from .hub import model_family
+
+        family = model_family(name)
         for key, single in per_stage.items():
             value = given[key]
             if value is None:
@@ -246,7 +221,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     names = [n for n in _available() if not args.filter or fnmatch.fnmatch(n, args.filter)]
     if not names:
         raise CliError(f'no registered model matches {args.filter!r}; models: {", ".join(_available())}', code=2)
-    profile_fn, why = (None, 'skipped (--no-profile)') if args.no_profile else _optional('profile', 'profile')
+    from .profile import profile
+
+    profile_fn = None if args.no_profile else profile
     rows = [('model', 'params', 'binary', 'OPs', 'BOPs', 'FLOPs', 'size')]
     failures = []
     for i, name in enumerate(names, 1):
@@ -271,35 +248,41 @@ def cmd_list(args: argparse.Namespace) -> int:
     print('\nparams: all parameters; binary: share of them used as 1-bit weights; OPs = BOPs / 64 + FLOPs '
           'at the default input size; size: binary weights at 1 bit, the rest at 32 bits.')
     if profile_fn is None:
-        print(f'binary share, OPs and packed size need timm_binaryvit.profile: {why}.')
+        print('binary share, OPs and size: skipped (--no-profile).')
     for failure in failures:
         print(f'profile failed for {failure}')
     return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    if not _is_repo(args.model):
-        _resolve_name(args.model)  # unknown names are usage errors, whatever is installed
-    profile_fn = _require('profile', 'profile', 'profile')
+    from .profile import profile
+
     if _is_repo(args.model):
         model = _load_any(args.model, args, pretrained=False)
         size = tuple(args.input_size) if args.input_size else _input_size(model)
-        print(profile_fn(model.eval(), size))
-        return 0
-    name = _resolve_name(args.model)
-    kwargs = _model_kwargs(args, name)
-    if args.input_size:
-        c, h, w = args.input_size
-        kwargs.setdefault('in_chans', c)
-        kwargs.setdefault('img_size', (h, w))
-    _progress(f'building {name}...')
-    print(_profile_model(profile_fn, name, kwargs, args.input_size))
+        result = profile(model.eval(), size)
+    else:
+        name = _resolve_name(args.model)
+        kwargs = _model_kwargs(args, name)
+        if args.input_size:
+            c, h, w = args.input_size
+            kwargs.setdefault('in_chans', c)
+            kwargs.setdefault('img_size', (h, w))
+        _progress(f'building {name}...')
+        result = _profile_model(profile, name, kwargs, args.input_size)
+    print(result)
+    if args.plot:
+        from .plot import plot_profile
+
+        try:
+            print(f'wrote {plot_profile(result, args.plot)}')
+        except ImportError as e:  # the table is printed; the picture needs the optional extra
+            raise CliError(str(e), code=1) from e
     return 0
 
 
 def cmd_capability(args: argparse.Namespace) -> int:
-    capability = _require('capability', 'representational_capability', 'capability')
-    from .capability import PRESETS
+    from .capability import PRESETS, representational_capability as capability
 
     key = args.model.strip().lower().replace('-', '_')
     if key in PRESETS and not _has_model_flags(args):
@@ -392,20 +375,59 @@ def cmd_export(args: argparse.Namespace) -> int:
         _resolve_name(args.model)
     elif not os.path.isfile(spec) and not _is_repo(spec) and os.path.splitext(spec)[1] not in _CHECKPOINT_EXTS:
         _resolve_name(spec)  # unknown names are usage errors, whatever is installed
-    export_packed = _require('deploy', 'export_packed', 'export')
+    from .deploy import export_packed, format_size_report
+
     model = _model_for_export(args).eval()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _progress(f'packing into {out}...')
-    result = export_packed(model, str(out))
-    fp32 = sum(t.numel() * 4 for t in model.state_dict().values() if t.is_floating_point())
-    packed = out.stat().st_size if out.is_file() else None
+    report = format_size_report(export_packed(model, str(out)))
     print(f'wrote {out}')
-    print(f'  float32 state dict: {fp32:,} bytes ({fp32 / 2**20:.2f} MiB)')
-    if packed is not None:
-        print(f'  packed file:        {packed:,} bytes ({packed / 2**20:.2f} MiB), {fp32 / packed:.1f}x smaller')
-    if result is not None and not isinstance(result, (str, Path, int)):
-        print(f'  {result}')
+    print('\n'.join(f'  {line}' for line in report.splitlines()))
+    return 0
+
+
+DEFAULT_KERNEL_MODELS = ('binaryvit_small_patch4_224', 'binary_deit_small_gap_mb_affine_patch16_224')
+
+
+def _time_passes(model, batch_size: int) -> Tuple[float, float]:
+    """Seconds for one training-mode forward + backward and one eval forward on random images."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, *_input_size(model), generator=generator)
+    model.train()
+    start = time.perf_counter()
+    model(x).float().square().mean().backward()  # any scalar: the backward products are what is timed
+    train_s = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(x)
+    return train_s, time.perf_counter() - start
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from . import kernels
+
+    if args.batch_size < 1:
+        raise CliError(f'--batch-size must be at least 1, got {args.batch_size}', code=2)
+    names = [_resolve_name(n) for n in (args.model or DEFAULT_KERNEL_MODELS)]
+    rows = [('model', 'input', 'train step (fwd+bwd)', 'eval forward')]
+    with kernels.kernel_mode(args.mode) if args.mode else contextlib.nullcontext():
+        for name in names:
+            model = _create(name, _model_kwargs(args, name))
+            _progress(f'  running {name} at batch {args.batch_size} (the first pass of each shape measures '
+                      f'its kernels)...')
+            train_s, eval_s = _time_passes(model, args.batch_size)
+            size = 'x'.join(map(str, _input_size(model)))
+            rows.append((name, f'{args.batch_size}x{size}', f'{train_s:.3f} s', f'{eval_s:.3f} s'))
+        print(_table(rows, right=(False, False, True, True)))
+        print('(first passes, random data; they include the one-off kernel measurements)\n')
+        print(kernels.report())
     return 0
 
 
@@ -466,18 +488,13 @@ def _model_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .kernels import MODES
+
     parser = argparse.ArgumentParser(
         prog=PROG,
         description='BinaryViT (Le & Li, CVPR 2023 Workshops, arXiv 2306.16678) and fully-binary DeiT-S for timm: '
                     'inspect, convert and export the models this package registers.',
-        epilog='Commands:\n'
-               '  list        every registered model: parameters, binary share, OPs, size\n'
-               '  profile     per-layer table of operations, parameters and size of one model\n'
-               '  capability  representational capability (supplementary section 3), term by term\n'
-               "  convert     a checkpoint of the authors' training code -> a Hugging Face Hub repo folder\n"
-               '  export      a model or checkpoint -> the packed 1-bit deployment file\n'
-               "  demo        train a tiny binary model on scikit-learn's digits (examples/train_digits.py)\n\n"
-               f'Run `{PROG} COMMAND --help` for the options of a command. Exit status: 0 ok, 1 failure, '
+        epilog=f'Run `{PROG} COMMAND --help` for the options of a command. Exit status: 0 ok, 1 failure, '
                '2 usage error (e.g. unknown model).',
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--version', action='version', version=f'%(prog)s {_version()}')
@@ -504,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('model', help='registered model name, or hf-hub:ORG/REPO / local-dir:PATH')
     p.add_argument('--input-size', type=int, nargs=3, metavar=('C', 'H', 'W'),
                    help='input size (default: the model\'s)')
+    p.add_argument('--plot', metavar='FILE.png',
+                   help='also draw the per-layer OPs, binary and full-precision, by stage (needs matplotlib: '
+                        'pip install "timm-binaryvit[plot]")')
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser(
@@ -556,6 +576,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--model', metavar='NAME', help='the model a checkpoint file belongs to')
     p.add_argument('--trust-pickle', action='store_true', help='read a .pth that pickles arbitrary objects')
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        'kernels', help='the CPU, torch build and kernel chosen for each product, with timings', formatter_class=raw,
+        description='Run one training step (forward + backward) and one eval forward of each model on random '
+                    'images, then print what timm_binaryvit.kernels chose for every product shape and why: the '
+                    'CPU and its flags, the torch build, the mode, and the measured time of each candidate. '
+                    'The mode can also be forced with the environment variable TIMM_BINARYVIT_KERNELS.',
+        epilog=f'examples:\n  {PROG} kernels\n  {PROG} kernels --model binaryvit_small_patch4_224 --batch-size 4\n'
+               f'  {PROG} kernels --mode float    # what plain float32 products cost')
+    p.add_argument('--model', action='append', metavar='NAME',
+                   help=f'a model to run (repeatable; default: {" and ".join(DEFAULT_KERNEL_MODELS)})')
+    p.add_argument('--batch-size', type=int, default=16, metavar='N', help='images per pass (default 16)')
+    p.add_argument('--img-size', type=int, nargs='+', metavar='PX', help='input size: H or H W (default: the model\'s)')
+    p.add_argument('--mode', choices=MODES,
+                   help='force one kind of kernel (default: TIMM_BINARYVIT_KERNELS, else auto = measure)')
+    p.add_argument('--model-kwargs', nargs='+', metavar='KEY=VALUE',
+                   help='other constructor arguments for every model, values as JSON / Python literals')
+    p.set_defaults(func=cmd_kernels)
 
     p = sub.add_parser(
         'demo', help="train a tiny binary model on scikit-learn's digits", formatter_class=raw,

@@ -7,8 +7,8 @@ is the stem, ``vit.encoder.layer.{i}.*`` the layers numbered across all stages,
 RPReLU, ``layerscale*.alpha/move`` the affines, ``att_prob_clip`` the attention binariser
 scale and ``norm*`` token BatchNorms.
 
-This module knows those names so that the model files do not. It sees the models only
-through duck typing (``stages`` and ``depths`` for the pyramid, ``blocks`` for DeiT).
+This module knows those names so that the model files do not. Which family a model belongs
+to is :func:`timm_binaryvit.hub.model_family`'s answer, the same one the Hub export and the CLI use.
 """
 import re
 from typing import Any, Dict, Mapping, Optional
@@ -96,7 +96,9 @@ def _map_module(name: str, params: Mapping[str, str], norms, rprelus, affines) -
 
 
 def _is_pyramid(model) -> bool:
-    return hasattr(model, 'stages') and hasattr(model, 'depths')
+    from .hub import model_family  # imported here: the model modules import this one
+
+    return model_family(model) == 'pyramid'
 
 
 def _layer_prefix(index: int, model) -> str:

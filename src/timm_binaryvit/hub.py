@@ -24,7 +24,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,8 +34,8 @@ from timm.models import get_pretrained_cfg, is_model, model_entrypoint
 
 __all__ = [
     'AUTHORS_VARIANTS', 'PAPER_TITLE', 'PAPER_AUTHORS', 'PAPER_VENUE', 'PAPER_ARXIV', 'LoadError',
-    'registered_models', 'resolve_model_name', 'constructor_args', 'architecture_name', 'save_pretrained',
-    'push_to_hub', 'write_model_card', 'load_model', 'load_checkpoint_file', 'convert_checkpoint',
+    'registered_models', 'resolve_model_name', 'model_family', 'constructor_args', 'architecture_name',
+    'save_pretrained', 'push_to_hub', 'write_model_card', 'load_model', 'load_checkpoint_file', 'convert_checkpoint',
 ]
 
 PAPER_TITLE = 'BinaryViT: Pushing Binary Vision Transformers Towards Convolutional Models'
@@ -108,59 +108,41 @@ def resolve_model_name(name: str) -> str:
 # Recording a model's configuration
 
 
-def _family(model: nn.Module) -> str:
-    if hasattr(model, 'embed_dims') and hasattr(model, 'depths') and hasattr(model, 'stages'):
+def model_family(model: Union[nn.Module, str]) -> str:
+    """``'pyramid'`` for a BinaryViT, ``'deit'`` for a fully-binary DeiT: a model, or a registered name
+    (or the authors' variant name), which is looked up without building anything.
+
+    Raises ``TypeError`` for any other module (a ``features_only`` wrapper included) and
+    ``ValueError`` for an unknown name.
+    """
+    from .binary_deit import BinaryDeiT
+    from .binaryvit import BinaryViT
+
+    if isinstance(model, str):
+        module = model_entrypoint(resolve_model_name(model)).__module__
+        families = {BinaryViT.__module__: 'pyramid', BinaryDeiT.__module__: 'deit'}
+        if module not in families:
+            raise ValueError(f'{model!r} is a timm model, not one of timm_binaryvit ({", ".join(registered_models())})')
+        return families[module]
+    if isinstance(model, BinaryViT):
         return 'pyramid'
-    if hasattr(model, 'embed_dim') and hasattr(model, 'blocks') and hasattr(model, 'num_prefix_tokens'):
+    if isinstance(model, BinaryDeiT):
         return 'deit'
     raise TypeError(
         f'{type(model).__name__} is not a BinaryViT or BinaryDeiT model of timm_binaryvit '
         f'(a features_only wrapper cannot be saved for re-creation either; save the model it wraps)')
 
 
-def _ints(values: Iterable) -> List[int]:
-    return [int(v) for v in values]
-
-
 def constructor_args(model: nn.Module) -> Dict[str, Any]:
-    """The complete, JSON-serialisable constructor arguments that rebuild ``model``'s architecture.
+    """The complete, JSON-serialisable constructor arguments that rebuild ``model``'s architecture:
+    its ``model_args()``, the one place each model class says how it is rebuilt.
 
     Read from the model's attributes (so they reflect ``reset_classifier`` and the like), drop rates
     excluded: they do not change the architecture. Pass them as ``model_args=`` to timm's
     ``save_for_hf`` / ``push_to_hf_hub``, or use :func:`save_pretrained`.
     """
-    family = _family(model)
-    common = dict(
-        img_size=_ints(model.img_size),
-        in_chans=int(model.in_chans),
-        num_classes=int(model.num_classes),
-        global_pool=str(model.global_pool),
-        patch_size=int(model.patch_size),
-    )
-    if family == 'pyramid':
-        if len(model.stages) != len(model.depths):
-            raise ValueError(
-                f'this BinaryViT was pruned to {len(model.stages)} of {len(model.depths)} stages '
-                f'(prune_intermediate_layers); a pruned model cannot be saved for re-creation')
-        return dict(
-            common,
-            embed_dims=_ints(model.embed_dims),
-            depths=_ints(model.depths),
-            num_heads=_ints(model.num_heads),
-            mlp_ratios=_ints(model.mlp_ratios),
-            sr_ratios=_ints(model.sr_ratios),
-            fp_transitions=bool(model.fp_transitions),
-        )
-    return dict(
-        common,
-        embed_dim=int(model.embed_dim),
-        depth=len(model.blocks),
-        num_heads=int(model.num_heads),
-        mlp_ratio=int(model.mlp_ratio),
-        class_token=model.num_prefix_tokens > 0,
-        multi_branch_pool=bool(model.multi_branch_pool),
-        affine=bool(model.affine),
-    )
+    model_family(model)  # a clear TypeError for anything else
+    return model.model_args()
 
 
 def architecture_name(model: nn.Module) -> str:
@@ -169,28 +151,13 @@ def architecture_name(model: nn.Module) -> str:
     arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
     if arch and is_model(arch):
         return arch
-    if _family(model) == 'pyramid':
+    if model_family(model) == 'pyramid':
         return 'binaryvit_small_fpembed_patch4_224' if model.fp_transitions else 'binaryvit_small_patch4_224'
     if model.num_prefix_tokens:
         return 'binary_deit_small_patch16_224'
     if model.multi_branch_pool:
         return 'binary_deit_small_gap_mb_affine_patch16_224' if model.affine else 'binary_deit_small_gap_mb_patch16_224'
     return 'binary_deit_small_gap_patch16_224'
-
-
-def _check_rebuilds(model: nn.Module, arch: str, args: Mapping[str, Any]) -> None:
-    """The recorded configuration must rebuild exactly the state dict we save."""
-    try:
-        rebuilt = timm.create_model(arch, device='meta', **args)
-    except Exception as e:
-        raise ValueError(f'the recorded configuration does not build {arch}: {type(e).__name__}: {e}') from e
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
-    if ours != theirs:
-        diff = sorted(set(ours) ^ set(theirs)) + sorted(k for k in set(ours) & set(theirs) if ours[k] != theirs[k])
-        raise ValueError(
-            f'{arch} rebuilt from the recorded model_args {dict(args)} does not have the state dict of this model '
-            f'({len(diff)} entries differ, e.g. {", ".join(diff[:5])}); pass the missing arguments as model_args=')
 
 
 def _synthetic_pretrained_cfg(model: nn.Module, arch: str) -> Dict[str, Any]:
@@ -202,7 +169,7 @@ def _synthetic_pretrained_cfg(model: nn.Module, arch: str) -> Dict[str, Any]:
         input_size=(model.in_chans, height, width),
         num_classes=model.num_classes,
         fixed_input_size=True,
-        pool_size=(height // 32, width // 32) if _family(model) == 'pyramid' else None,
+        pool_size=(height // 32, width // 32) if model_family(model) == 'pyramid' else None,
     )
     return cfg
 
@@ -246,7 +213,9 @@ def save_pretrained(
     args = constructor_args(model)
     args.update(model_args or {})
     if check:
-        _check_rebuilds(model, arch, args)
+        from .deploy import check_rebuilds  # the one rebuild check, shared with the packed export
+
+        check_rebuilds(model, arch, args)
 
     added = []
     if not getattr(model, 'pretrained_cfg', None):
@@ -295,7 +264,7 @@ def push_to_hub(model: nn.Module, repo_id: str, *, commit_message: str = 'Add mo
 
 
 def _describe(model: nn.Module) -> str:
-    if _family(model) == 'pyramid':
+    if model_family(model) == 'pyramid':
         transitions = ('full-precision stage transitions (the paper\'s "FP patch embedding" variant)'
                        if model.fp_transitions else 'binary stage transitions')
         return (f'BinaryViT: a {len(model.depths)}-stage pyramid of binary transformer layers on a '
@@ -317,7 +286,7 @@ def _describe(model: nn.Module) -> str:
 
 def _binary_sentence(model: nn.Module) -> str:
     parts = 'queries, keys, values, the output projection and both FFN layers'
-    if _family(model) == 'pyramid':
+    if model_family(model) == 'pyramid':
         if any(r > 1 for r in model.sr_ratios):
             parts = 'queries, keys, values, the key/value reduction, the output projection and both FFN layers'
         if not model.fp_transitions:

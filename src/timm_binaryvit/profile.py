@@ -59,8 +59,10 @@ not run on the ``meta`` device is profiled on its own device instead, with a ran
 
 Use :func:`profile`; :meth:`ProfileResult.format` gives the table of the
 ``timm-binaryvit profile`` command, :meth:`ProfileResult.summary` (or :func:`profile_summary`)
-the one-line summary of ``timm-binaryvit list``, :func:`models_markdown_table` the README
-table.
+the one-line summary of ``timm-binaryvit list``, :func:`models_markdown_table` the README's
+model table, and :func:`timm_binaryvit.plot.plot_profile` the picture of
+``timm-binaryvit profile MODEL --plot FILE.png``. The source repository's docs/profile.md
+explains the conventions with examples.
 """
 from __future__ import annotations
 

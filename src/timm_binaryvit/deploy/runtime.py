@@ -1,0 +1,373 @@
+"""The products a deployed model runs, and the kernels that run them.
+
+Every binary product of a deployed model multiplies signs by signs. Two products name them for
+:mod:`timm_binaryvit.kernels`, which picks a kernel per shape class by measuring on the machine
+at hand (nothing is assumed: ``torch._int_mm`` is fast with VNNI and 40x slower than float32
+without it, bfloat16 matmuls are slow without AVX-512 BF16):
+
+* ``deploy_linear``, shape ``(M, K, N)``: ``out = shortcut + bias + scale * (sign(x + shift) @ W^T)``
+  for the ternary signs ``W`` of a binary layer. Kinds: ``float`` (float GEMM with the folded float
+  weight ``scale * W``), ``int8`` (int8 signs, exact int32 ``torch._int_mm``, scaled afterwards),
+  ``packed`` (:mod:`timm_binaryvit.packed_ops`: fused shift-sign-pack of the activations and an
+  XNOR-popcount GEMM whose epilogue applies scale and bias).
+* ``deploy_attention``, shape ``(B * heads, N, d, N_k)``: ``sign(q) sign(k)^T`` and the binarised
+  probabilities (0 / 1) times ``sign(v)``. Kinds: ``float``; ``bf16`` where it is exact (the
+  products are integers of magnitude at most ``max(d, N_k)``, exact in bfloat16 up to 256);
+  ``packed`` (XNOR / AND + popcount).
+
+Every kind gives the same integers, so the choice changes speed, never the result. The float
+path always works (other devices, ``torch.jit.trace``, a failed extension build).
+"""
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels, packed_ops
+
+__all__ = ['LINEAR', 'ATTENTION', 'BF16_EXACT', 'choose_kind', 'SignBits', 'pack_bits', 'unpack_bits',
+           'Workspace', 'Folded', 'FoldedPReLU', 'FoldedBinaryLinear', 'FoldedPatchConv', 'attention_context',
+           'patches']
+
+LINEAR = 'deploy_linear'
+ATTENTION = 'deploy_attention'
+#: bfloat16 holds every integer of magnitude up to 256 exactly.
+BF16_EXACT = 256
+
+
+def choose_kind(product: str, shape: Tuple[int, ...], x: torch.Tensor) -> str:
+    """The kernel kind for ``product`` on operands like ``x`` (see :func:`timm_binaryvit.kernels.choose`)."""
+    # A tracer (torch.jit.trace, the legacy ONNX exporter) records torch operators only; the packed
+    # kernels write through a C++ extension it cannot see, so a traced graph would bake in their results.
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return 'float'
+    return kernels.choose(product, shape, x.device, x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sign matrices as bits (the packed file's layout, shared by the file format and the kernels)
+
+_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+
+
+def pack_bits(values: torch.Tensor) -> torch.Tensor:
+    """``(out, n)`` values in {-1, 0, +1} -> ``(out, ceil(n / 8))`` uint8, bit 1 for +1, big bit order."""
+    out, n = values.shape
+    bits = (values > 0).to(torch.uint8)
+    pad = (-n) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(out, pad)], dim=1)
+    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=values.device)
+    return (bits.view(out, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Inverse of :func:`pack_bits` without the zeros: ``(out, n)`` ±1 of ``dtype``."""
+    masks = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
+    bits = ((packed.unsqueeze(-1) & masks) != 0).reshape(packed.shape[0], -1)[:, :n]
+    return torch.where(bits, 1, -1).to(dtype)
+
+
+class SignBits(NamedTuple):
+    """A ternary sign matrix ``(rows, cols)`` as the packed file stores it: ``bits`` (:func:`pack_bits`)
+    and ``zeros``, the flat indices of the entries that are 0 (stored as bit 0)."""
+    bits: torch.Tensor
+    zeros: torch.Tensor
+    cols: int
+
+    @classmethod
+    def from_signs(cls, signs: torch.Tensor) -> 'SignBits':
+        zeros = torch.nonzero(signs.reshape(-1) == 0).reshape(-1).to(torch.int64)
+        return cls(pack_bits(signs), zeros, signs.shape[1])
+
+    @property
+    def rows(self) -> int:
+        return self.bits.shape[0]
+
+    def signs(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        values = unpack_bits(self.bits, self.cols, dtype)
+        if self.zeros.numel():
+            values.view(-1)[self.zeros.to(values.device)] = 0
+        return values
+
+
+# ---------------------------------------------------------------------------------------------
+# Buffers and folded modules
+
+
+class Workspace:
+    """Buffers reused by every layer of a stage: keyed by role, shape and dtype, allocated once per call
+    (on CPU, fresh 100 MB tensors and passes over main memory cost more than the arithmetic on them)."""
+    __slots__ = ('bufs', 'like')
+
+    def __init__(self, like: torch.Tensor):
+        self.bufs: Dict[Tuple, torch.Tensor] = {}
+        self.like = like
+
+    def __call__(self, tag: str, *shape: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        dtype = dtype or self.like.dtype
+        key = (tag, dtype) + shape
+        buf = self.bufs.get(key)
+        if buf is None:
+            buf = torch.empty(shape, dtype=dtype, device=self.like.device)
+            self.bufs[key] = buf
+        return buf
+
+
+class Folded(nn.Module):
+    """Base of the deployed pieces: registers folded float64 tensors as buffers of the compute dtype."""
+
+    def _buf(self, name: str, value: torch.Tensor, dtype: torch.dtype):
+        if hasattr(self, name) and name not in self._buffers:
+            delattr(self, name)
+        self.register_buffer(name, value.to(dtype).contiguous())
+
+
+class FoldedPReLU(Folded):
+    """Per-channel PReLU with a constant carried through, in place on ``(M, C)``: ``y + c -> PReLU(y) + c``.
+
+    The caller folds ``c`` (the shift the next sign needs) into the bias of the layer that
+    produces ``y``, so the result is directly the input of that sign. With all slopes <= 1 this
+    is ``max(y + c, slope * (y + c) + (1 - slope) * c)`` (two passes, no allocation); otherwise it
+    falls back to :func:`torch.nn.functional.prelu`.
+    """
+
+    def __init__(self, slope: torch.Tensor, carry: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self._buf('slope', slope, dtype)
+        self._buf('carry', carry, dtype)
+        self._buf('offset', carry * (1 - slope), dtype)
+        self.general = bool((slope > 1).any())
+
+    def apply_(self, y: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+        if self.general:
+            return y.copy_(F.prelu(y - self.carry, self.slope).add_(self.carry))
+        torch.addcmul(self.offset, y, self.slope, out=tmp)
+        return torch.maximum(y, tmp, out=y)
+
+
+class FoldedBinaryLinear(Folded):
+    """``out = shortcut + bias + sign(x + in_shift) @ (scale * W)^T``: a binary linear layer whose
+    per-output-channel scale already includes the folded BatchNorm scale, and whose ``bias`` holds
+    the BatchNorm shift and the other folded constants.
+
+    The signs ``W`` are kept as bits (``bits``, ``zeros``: 1 bit per weight); the form each kernel
+    multiplies by (packed planes, int8 signs, the float weight ``scale * W``) is made from them the
+    first time that kernel runs and kept, so a layer that only ever runs packed never holds a float
+    weight. Each call runs the kernel :func:`choose_kind` picks for its shape.
+    """
+
+    def __init__(self, weight: SignBits, scale: torch.Tensor, bias: torch.Tensor, in_shift: Optional[torch.Tensor],
+                 dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = weight.cols, weight.rows
+        self.register_buffer('bits', weight.bits.contiguous())
+        self.register_buffer('zeros', weight.zeros.contiguous())
+        self._buf('scale', scale, dtype)
+        self._buf('bias', bias, dtype)
+        if in_shift is None:
+            self.in_shift = None
+        else:
+            self._buf('in_shift', in_shift, dtype)
+        self._forms: Dict[tuple, object] = {}
+
+    def _apply(self, fn, recurse=True):
+        self._forms = {}  # a new dtype or device: the derived forms are made again when used
+        return super()._apply(fn, recurse)
+
+    def weight_form(self, kind: str):
+        """The weight as the ``kind`` kernel takes it: PackedSigns (``packed``), ``(K, N)`` int8 (``int8``) or
+        the ``(N, K)`` float weight ``scale * W`` (``float``); made on first use."""
+        key = (kind, self.scale.dtype, self.scale.device)
+        form = self._forms.get(key)
+        if form is None:
+            if kind == 'packed':
+                form = packed_ops.from_sign_bits(self.bits.cpu(), self.in_features, self.zeros.cpu())
+            else:
+                signs = SignBits(self.bits, self.zeros, self.in_features).signs(
+                    torch.int8 if kind == 'int8' else self.scale.dtype)
+                form = signs.t() if kind == 'int8' else signs.mul_(self.scale[:, None])  # exact: signs are ±1, 0
+            self._forms[key] = form
+        return form
+
+    def _signs(self, x: torch.Tensor, ws: Workspace, overwrite_input: bool) -> torch.Tensor:
+        M, K = x.shape
+        if self.in_shift is not None:
+            return torch.add(x, self.in_shift, out=ws('signs', M, K)).sign_()
+        if overwrite_input:
+            return x.sign_()
+        return torch.sign(x, out=ws('signs', M, K))
+
+    def run(self, x: torch.Tensor, shortcut: torch.Tensor, out: torch.Tensor, ws: Workspace,
+            overwrite_input: bool = False, kind: Optional[str] = None) -> torch.Tensor:
+        """``out = shortcut + bias + sign(x + in_shift) @ W^T`` for 2-D ``x``; ``shortcut`` is ``out``'s shape
+        or ``(M, 1, C)`` broadcast over ``out`` viewed as ``(M, -1, C)``. ``overwrite_input`` lets it take
+        the signs in place in ``x``. ``kind`` forces a kernel (default: :func:`choose_kind`)."""
+        M, K = x.shape
+        kind = kind or choose_kind(LINEAR, (M, K, self.out_features), x)
+        # the shortcut first: it may be x itself, whose signs may then be taken in place
+        if shortcut.dim() > 2:
+            C = shortcut.shape[-1]
+            torch.add(shortcut, self.bias.view(-1, C), out=out.view(shortcut.shape[0], -1, C))
+        else:
+            torch.add(shortcut, self.bias, out=out)
+        if kind == 'packed':
+            # the epilogue reads each element of ``out`` (as bias) before it writes it
+            packed_ops.sign_gemm(packed_ops.pack_signs(x, self.in_shift), self.weight_form('packed'),
+                                 self.scale, out, out=out)
+        elif kind == 'int8':
+            signs8 = ws('signs8', M, K, dtype=torch.int8).copy_(self._signs(x, ws, overwrite_input))
+            acc = torch._int_mm(signs8, self.weight_form('int8'),
+                                out=ws('acc', M, self.out_features, dtype=torch.int32))
+            out.addcmul_(acc, self.scale)
+        else:
+            out.addmm_(self._signs(x, ws, overwrite_input), self.weight_form('float').t())
+        return out
+
+
+class FoldedPatchConv(Folded):
+    """A full-precision ``p x p`` stride-``p`` convolution (BatchNorms folded in) plus a per-token
+    bias (position embedding), as one GEMM on patches; output ``(B, N, C)`` tokens."""
+
+    def __init__(self, weight: torch.Tensor, token_bias: torch.Tensor, patch: int, dtype: torch.dtype):
+        super().__init__()
+        self.patch = patch
+        self._buf('weight', weight.reshape(weight.shape[0], -1), dtype)
+        self._buf('token_bias', token_bias, dtype)  # (N, C)
+
+    def forward(self, patches: torch.Tensor, B: int) -> torch.Tensor:
+        N, C = self.token_bias.shape
+        out = self.token_bias.expand(B, N, C).contiguous()
+        out.view(B * N, C).addmm_(patches, self.weight.t())
+        return out
+
+
+def patches(x: torch.Tensor, p: int) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B * H/p * W/p, C * p * p)`` non-overlapping patches, conv weight order."""
+    B, C, H, W = x.shape
+    return x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B * (H // p) * (W // p), C * p * p)
+
+
+# ---------------------------------------------------------------------------------------------
+# Binary attention
+
+
+def _head_signs(y: torch.Tensor, low: torch.dtype, ws: Workspace, tag: str) -> torch.Tensor:
+    # (g, n, h, d) -> signs (g * h, n, d) of dtype ``low``; via y's dtype, since rounding y itself
+    # to bfloat16 could flush a tiny value to 0
+    g, n, h, d = y.shape
+    signs = torch.sign(y.transpose(1, 2), out=ws(tag + '_f', g, h, n, d))
+    if low != y.dtype:
+        signs = ws(tag, g, h, n, d, dtype=low).copy_(signs)
+    return signs.view(g * h, n, d)
+
+
+def attention_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_scale: torch.Tensor,
+                      threshold: torch.Tensor, ws: Workspace, kind: Optional[str] = None) -> torch.Tensor:
+    """``[softmax(sign(q) sign(k)^T * attn_scale) > threshold] @ sign(v)`` for every image and head.
+
+    ``q``: ``(g, N, h, d)``, ``k`` and ``v``: ``(g, N_k, h, d)`` (views of token-major tensors);
+    ``attn_scale`` a 1-element tensor, ``threshold`` a 0-dim one, both of ``q``'s dtype. Returns the
+    integer context ``(g, h, N, d)`` in a dtype of the chosen kernel (int32, bfloat16 or ``q``'s).
+    """
+    g, N, h, d = q.shape
+    Nk = k.shape[1]
+    kind = kind or choose_kind(ATTENTION, (g * h, N, d, Nk), q)
+    scores, probs = ws('scores', g, h, N, Nk), ws('probs', g, h, N, Nk)
+    if kind == 'packed':
+        qp, kp = packed_ops.pack_signs(q.transpose(1, 2)), packed_ops.pack_signs(k.transpose(1, 2))
+        packed_ops.sign_bmm(qp, kp, attn_scale, out=scores)
+        torch.softmax(scores, -1, out=probs)
+        mask = packed_ops.pack_mask(probs, float(threshold))
+        return packed_ops.mask_sign_bmm(mask, packed_ops.pack_signs_transposed(v.transpose(1, 2)),
+                                        out=ws('ctx', g, h, N, d, dtype=torch.int32))
+    low = torch.bfloat16 if kind == 'bf16' else q.dtype
+    qh, kh, vh = _head_signs(q, low, ws, 'qh'), _head_signs(k, low, ws, 'kh'), _head_signs(v, low, ws, 'vh')
+    dots = torch.bmm(qh, kh.transpose(1, 2), out=ws('dots', g * h, N, Nk, dtype=low))
+    # attn_scale is a 1-element vector, not a scalar, so that bfloat16 dots are promoted, not the scale rounded
+    torch.mul(dots.view(g, h, N, Nk), attn_scale, out=scores)
+    torch.softmax(scores, -1, out=probs)
+    mask = torch.gt(probs.view(g * h, N, Nk), threshold, out=dots)
+    return torch.bmm(mask, vh, out=ws('ctx', g * h, N, d, dtype=low)).view(g, h, N, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# Candidates for the kernel chooser: each times the product as the deployed model runs it (the
+# sign or packing of the activations and any conversion included), on random operands. The
+# softmax between the attention products is the same for every kind and is left out, as the
+# packed candidate (timm_binaryvit.packed_ops) leaves it out.
+
+
+def _random(shape, dtype, device, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)  # measuring must not move the global random state
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def _make_linear(kind: str):
+    def make(shape, dtype, device):
+        M, K, N = (int(s) for s in shape)
+        signs = SignBits.from_signs(torch.sign(_random((N, K), torch.float64, 'cpu', 0)))
+        layer = FoldedBinaryLinear(signs, _random((N,), torch.float64, 'cpu', 1).abs(),
+                                   _random((N,), torch.float64, 'cpu', 2), _random((K,), torch.float64, 'cpu', 3),
+                                   dtype).to(device)
+        x, out = _random((M, K), dtype, device, 4), torch.empty(M, N, dtype=dtype, device=device)
+        zero = torch.zeros((), dtype=dtype, device=device).expand(M, N)  # the shortcut pass, without its memory
+        ws = Workspace(x)
+        layer.weight_form(kind)  # made once at the first call, as in the model
+        return lambda: layer.run(x, zero, out, ws, kind=kind)
+    return make
+
+
+def _int8_unavailable(shape, dtype, device) -> Optional[str]:
+    if not hasattr(torch, '_int_mm'):
+        return 'this torch has no torch._int_mm'
+    if torch.device(device).type != 'cpu':
+        return 'int8 products are only used on the CPU'
+    return None
+
+
+def _make_attention(kind: str):
+    def make(shape, dtype, device):
+        BH, N, d, Nk = (int(s) for s in shape)
+        q = _random((BH, N, 1, d), dtype, device, 0)
+        k, v = _random((BH, Nk, 1, d), dtype, device, 1), _random((BH, Nk, 1, d), dtype, device, 2)
+        low = torch.bfloat16 if kind == 'bf16' else dtype
+        probs = torch.rand((BH, N, Nk), generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(
+            device=device, dtype=dtype)
+        threshold = torch.tensor(0.5, dtype=dtype, device=device)
+        ws = Workspace(probs)
+
+        def run():
+            qh, kh, vh = _head_signs(q, low, ws, 'qh'), _head_signs(k, low, ws, 'kh'), _head_signs(v, low, ws, 'vh')
+            dots = torch.bmm(qh, kh.transpose(1, 2), out=ws('dots', BH, N, Nk, dtype=low))
+            mask = torch.gt(probs, threshold, out=dots)
+            return torch.bmm(mask, vh, out=ws('ctx', BH, N, d, dtype=low))
+        return run
+    return make
+
+
+def _bf16_unavailable(shape, dtype, device) -> Optional[str]:
+    _, _, d, Nk = shape
+    if max(d, Nk) > BF16_EXACT:
+        return f'not exact: products up to {max(d, Nk)} exceed bfloat16\'s exact integers ({BF16_EXACT})'
+    return None
+
+
+def _packed_unavailable(shape, dtype, device) -> Optional[str]:
+    if torch.device(device).type != 'cpu':
+        return 'packed kernels run on the CPU only'
+    if dtype not in (torch.float32, torch.float64):
+        return f'packed kernels take float32 or float64 activations, not {dtype}'
+    if not packed_ops.available():  # builds the extension the first time
+        return packed_ops.unavailable_reason()
+    return None
+
+
+packed_ops.register_candidates()  # 'packed' for both products (the build waits for the first use)
+kernels.register(LINEAR, 'float', _make_linear('float'))
+kernels.register(LINEAR, 'int8', _make_linear('int8'), _int8_unavailable)
+# the layer's own run() with its shortcut pass, as the float and int8 candidates do
+kernels.register(LINEAR, 'packed', _make_linear('packed'), _packed_unavailable)
+kernels.register(ATTENTION, 'float', _make_attention('float'))
+kernels.register(ATTENTION, 'bf16', _make_attention('bf16'), _bf16_unavailable)

@@ -1,0 +1,196 @@
+"""Kernel choice in deployed models: every product runs the kernel ``timm_binaryvit.kernels`` chooses,
+every kind gives the same integers (odd shapes, exact zeros and activations exactly at their
+threshold included), a machine where a kind is slow (simulated) runs float32 and stays exact, the
+packed weights come straight from a packed file's bits without a float weight, and a traced graph
+never bakes in a packed kernel's results."""
+import warnings
+
+import pytest
+import torch
+
+from timm_binaryvit import kernels, packed_ops
+from timm_binaryvit.deploy import deploy, export_packed, load_packed
+from timm_binaryvit.deploy.runtime import (
+    ATTENTION, LINEAR, FoldedBinaryLinear, SignBits, Workspace, attention_context)
+from timm_binaryvit.layers import BinaryConv2d, BinaryLinear
+
+from deploy_helpers import RTOL, images, make, one_thread, rel  # noqa: F401
+
+KINDS = {LINEAR: ('float', 'int8', 'packed'), ATTENTION: ('float', 'bf16', 'packed')}
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_MODE, raising=False)
+    monkeypatch.delenv(kernels.ENV_CACHE, raising=False)
+    kernels.clear_cache()
+    yield
+    kernels.clear_cache()
+
+
+def _runnable(kind, dtype=torch.float64):
+    # the kinds this machine offers (the packed extension may be unavailable: then it is not tested here)
+    return kind != 'packed' or (packed_ops.available() and dtype in (torch.float32, torch.float64))
+
+
+def _ternary(shape, g, zeros=0.2):
+    values = torch.randint(0, 2, shape, generator=g).double() * 2 - 1
+    return values * (torch.rand(shape, generator=g, dtype=torch.float64) >= zeros)
+
+
+@pytest.mark.parametrize('M,K,N', [(1, 1, 1), (1, 64, 3), (7, 65, 9), (33, 130, 17), (64, 384, 40)])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_linear_kinds_agree_on_odd_shapes(M, K, N, dtype):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    weight = _ternary((N, K), g)  # exact zeros in the weight
+    shift = torch.randn(K, generator=g, dtype=torch.float64)
+    x = torch.randn(M, K, generator=g, dtype=torch.float64)
+    x[:, ::3] = -shift[::3]  # activations exactly at their threshold: sign 0
+    scale = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(N, generator=g, dtype=torch.float64)
+    layer = FoldedBinaryLinear(SignBits.from_signs(weight), scale, bias, shift, dtype)
+    shortcut = torch.randn(M, N, generator=g, dtype=torch.float64).to(dtype)
+    x = x.to(dtype)
+    signs = torch.sign(x + shift.to(dtype)).double()
+    want = (shortcut.double() + bias.to(dtype).double() + (signs @ weight.t()) * scale.to(dtype).double())
+    for kind in KINDS[LINEAR]:
+        if not _runnable(kind, dtype):
+            continue
+        out = layer.run(x.clone(), shortcut, torch.empty(M, N, dtype=dtype), Workspace(x), kind=kind)
+        assert rel(out.double(), want) < (1e-12 if dtype == torch.float64 else 1e-5), kind
+
+
+@pytest.mark.parametrize('g,N,h,d,Nk', [(1, 1, 1, 1, 1), (2, 5, 3, 7, 9), (1, 17, 2, 64, 65), (3, 30, 1, 16, 300)])
+def test_attention_kinds_agree_on_odd_shapes(g, N, h, d, Nk):
+    gen = torch.Generator().manual_seed(N * 100 + Nk)
+    q = torch.randn(g, N, h, d, generator=gen, dtype=torch.float64)
+    k, v = torch.randn(2, g, Nk, h, d, generator=gen, dtype=torch.float64)
+    q[..., 0] = 0  # sign(0) = 0 in queries and values
+    v[:, ::2, :, -1] = 0
+    scale = torch.tensor([d ** -0.5], dtype=torch.float64)
+    threshold = torch.tensor(0.7 / Nk, dtype=torch.float64)
+    qs, ks, vs = (t.sign().transpose(1, 2) for t in (q, k, v))
+    probs = torch.softmax(qs @ ks.transpose(-1, -2) * scale, -1)
+    want = (probs > threshold).double() @ vs
+    assert Nk == 1 or 0 < (probs > threshold).double().mean() < 1  # a mixed mask
+    for kind in KINDS[ATTENTION]:
+        if not _runnable(kind) or (kind == 'bf16' and max(d, Nk) > 256):
+            continue
+        ctx = attention_context(q, k, v, scale, threshold, Workspace(q), kind=kind)
+        assert torch.equal(ctx.double(), want), kind
+
+
+def _fake_clock(monkeypatch, cost):
+    """Each timed run of a deploy candidate costs ``cost[kind]`` seconds on a fake clock."""
+    now = [0.0]
+    monkeypatch.setattr(kernels, 'timer', lambda: now[0])
+    for product in (LINEAR, ATTENTION):
+        registry = {}
+        for kind, candidate in kernels._registry[product].items():
+            def make_timed(shape, dtype, device, _kind=kind, _make=candidate.make):
+                run = _make(shape, dtype, device)
+
+                def timed():
+                    run()
+                    now[0] += cost[_kind]
+                return timed
+            registry[kind] = kernels._Candidate(make_timed, candidate.unavailable)
+        monkeypatch.setitem(kernels._registry, product, registry)
+
+
+def _deployed_choices():
+    return [c for c in kernels.choices() if c.product in (LINEAR, ATTENTION)]
+
+
+@pytest.mark.parametrize('name', ['binaryvit_small_patch4_224', 'binary_deit_small_gap_mb_affine_patch16_224'])
+def test_machine_where_int8_bf16_and_packed_are_slow_runs_float(monkeypatch, name):
+    # an AVX2-only Zen 3: torch._int_mm 40x slower than float32, bfloat16 emulated
+    _fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040, 'bf16': 0.030, 'packed': 0.020})
+    model = make(name)
+    x = images(model)
+    with torch.no_grad():
+        ref = model(x)
+    assert rel(deploy(model)(x), ref) < RTOL
+    made = _deployed_choices()
+    assert {c.product for c in made} == {LINEAR, ATTENTION}
+    assert all(c.kind == 'float' for c in made), [(c.product, c.shape, c.kind) for c in made]
+    assert any('int8' in c.times and c.times['int8'] > c.times['float'] for c in made)
+    assert any('bf16' in c.times and c.times['bf16'] > c.times['float'] for c in made)
+
+
+def test_machine_where_int8_and_bf16_are_fast_uses_them(monkeypatch):
+    _fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.002, 'bf16': 0.002, 'packed': 0.020})
+    model = make('binary_deit_small_gap_mb_affine_patch16_224')
+    x = images(model)
+    with torch.no_grad():
+        ref = model(x)
+    assert rel(deploy(model)(x), ref) < RTOL
+    kinds = {(c.product, c.kind) for c in _deployed_choices()}
+    assert kinds == {(LINEAR, 'int8'), (ATTENTION, 'bf16')}
+
+
+def test_packed_unavailable_falls_back_to_float(monkeypatch):
+    monkeypatch.setattr(packed_ops, 'available', lambda: False)
+    monkeypatch.setattr(packed_ops, 'unavailable_reason', lambda: 'no compiler (simulated)')
+    model = make('binaryvit_small_patch4_224')
+    x = images(model)
+    with torch.no_grad():
+        ref = model(x)
+    with kernels.kernel_mode('packed'):
+        assert rel(deploy(model)(x), ref) < RTOL
+    made = _deployed_choices()
+    assert made and all(c.kind == 'float' and 'no compiler (simulated)' in c.reason for c in made)
+
+
+def _binary_layers(deployed):
+    return [m for m in deployed.modules() if isinstance(m, FoldedBinaryLinear)]
+
+
+@pytest.mark.parametrize('mode', ['float', 'int8', 'packed'])
+def test_deployed_from_file_never_materialises_float_binary_weights(tmp_path, monkeypatch, mode):
+    if mode == 'packed' and not packed_ops.available():
+        pytest.skip(f'packed kernels unavailable: {packed_ops.unavailable_reason()}')
+    model = make('binaryvit_small_patch4_224')
+    path = tmp_path / 'm.packed'
+    export_packed(model, str(path))
+    x = images(model)
+    with torch.no_grad():
+        ref = model(x)
+
+    def refuse(self):
+        raise AssertionError('a binary layer was asked for its float weight')
+    monkeypatch.setattr(BinaryLinear, 'binary_weight', refuse)
+    monkeypatch.setattr(BinaryConv2d, 'binary_weight', refuse)
+    with kernels.kernel_mode(mode):
+        deployed = load_packed(str(path), deployed=True)
+        layers = _binary_layers(deployed)
+        assert layers and all(not m._forms for m in layers)  # nothing but the bits until a kernel runs
+        assert rel(deployed(x), ref) < RTOL
+    for m in layers:
+        # the bits (1 bit a weight) and the form of the kernel that ran; no float tensor of weight size
+        assert {key[0] for key in m._forms} == {mode}
+        assert m.bits.dtype == torch.uint8 and m.bits.numel() == m.out_features * ((m.in_features + 7) // 8)
+        floats = [b for b in m.buffers() if b.is_floating_point()]
+        assert all(b.numel() <= max(m.in_features, m.out_features) for b in floats)
+        forms = [f for f in m._forms.values() if isinstance(f, torch.Tensor)]
+        assert all(f.dtype == torch.int8 for f in forms) if mode == 'int8' else True
+
+
+def test_trace_records_the_float_path(recwarn):
+    # a traced graph (torch.jit.trace, the legacy ONNX exporter) sees torch operators only: with the packed
+    # kernels forced it must still record the float products, or it would replay the traced input's results
+    model = make('binary_deit_small_gap_mb_affine_patch16_224', img_size=64)
+    deployed = deploy(model)
+    x, other = images(model), images(model, seed=7)
+    with kernels.kernel_mode('packed'), warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        traced = torch.jit.trace(deployed, x, check_trace=False)
+        with torch.no_grad():
+            assert rel(traced(other), model(other)) < RTOL
+
+
+def test_report_names_the_deploy_products():
+    model = make('binary_deit_small_gap_mb_affine_patch16_224', dtype=torch.float32)
+    deploy(model)(images(model, dtype=torch.float32))
+    report = kernels.report()
+    assert LINEAR in report and ATTENTION in report and 'measured' in report

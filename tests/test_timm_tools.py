@@ -1,0 +1,136 @@
+"""The tools a timm user reaches for, on every registered model (tiny configurations): mixed precision
+(autocast bfloat16 / float16), TorchScript training with the eager pseudo-gradients, torch.compile with
+no graph break, and the input size carried in ``pretrained_cfg``. The stock scripts themselves
+(``train.py --amp / --torchcompile / --torchscript``, ONNX) are in test_stock_scripts.py."""
+import pytest
+import torch
+
+import timm
+from timm.data import resolve_data_config
+from timm_binaryvit import layers
+
+MODELS = timm.list_models(['binaryvit*', 'binary_deit*'])
+PYRAMID = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), img_size=32)
+DEIT = dict(depth=2, embed_dim=32, num_heads=2, patch_size=8, img_size=32)
+
+
+def tiny(name, **kwargs):
+    config = PYRAMID if name.startswith('binaryvit') else DEIT
+    return timm.create_model(name, num_classes=5, **dict(config, **kwargs))
+
+
+def _perturb(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.05)
+            if name.endswith('prob_binarizer.scale'):
+                p.fill_(0.02)
+    return model
+
+
+def _grads(model, x, target_seed=1):
+    model.zero_grad(set_to_none=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = model(x)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(target_seed), dtype=torch.float32)
+    (out.float() * g).sum().backward()
+    model.load_state_dict(state)  # one step must not move the BatchNorm statistics for the next run
+    return out.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative(a, b):
+    scale = max(v.abs().max().item() for v in b.values())
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in b) / scale
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_scripted_model_trains_with_eager_pseudo_gradients(name):
+    model = _perturb(tiny(name).double())
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    eager_out, eager = _grads(model, x)
+    scripted_out, scripted = _grads(torch.jit.script(model), x)
+    torch.testing.assert_close(scripted_out, eager_out, rtol=1e-10, atol=1e-12)
+    assert scripted.keys() == eager.keys()
+    assert _relative(scripted, eager) < 1e-9
+    # the shifts train in the scripted model as in eager (they used to get exactly zero gradient there)
+    shifts = [n for n in scripted if n.endswith('.shift')]
+    zero_scripted = {n for n in shifts if not scripted[n].any()}
+    assert zero_scripted == {n for n in shifts if not eager[n].any()}
+    assert len(zero_scripted) < len(shifts) / 4
+
+
+@pytest.mark.parametrize('dtype, tolerance', [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+@pytest.mark.parametrize('name', ['binaryvit', 'binaryvit_small_fpembed_patch4_224', 'binary_deit_small_patch16_224',
+                                  'binary_deit_small_gap_mb_affine_patch16_224'])
+def test_autocast_training_matches_float32(name, dtype, tolerance):
+    model = _perturb(tiny(name))
+    x = torch.randn(4, 3, 32, 32)
+    ref_out, ref = _grads(model, x)
+    with torch.autocast('cpu', dtype=dtype):
+        out, got = _grads(model, x)
+    assert got.keys() == ref.keys()
+    assert (out.float() - ref_out).abs().max() <= tolerance * ref_out.abs().max()
+    assert _relative(got, ref) < tolerance
+
+
+def test_autocast_binary_products_stay_exact():
+    # A fan-in of 1,536 signs: bfloat16 would round the sums, the product runs in float32 instead.
+    lin = layers.BinaryLinear(1536, 8)
+    x = torch.randn(4, 1536)
+    with torch.no_grad():
+        expected = torch.sign(x + lin.shift).double() @ lin.binary_weight().double().t()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            got = lin(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('name', MODELS)
+def test_compile_has_no_graph_break(name, train):
+    model = tiny(name).train(train)
+    x = torch.randn(2, 3, 32, 32)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    reasons = [b.reason for b in explanation.break_reasons]
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, reasons
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('dynamic', [False, True])
+@pytest.mark.parametrize('name', ['binaryvit', 'binary_deit_small_gap_mb_affine_patch16_224'])
+def test_compiled_training_step_matches_eager(name, dynamic):
+    # aot_eager runs dynamo and AOT autograd (what inductor compiles) without generating C++: the graph
+    # and its backward are what eager computes. train.py --torchcompile inductor runs in test_stock_scripts.
+    model = _perturb(tiny(name))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend='aot_eager', dynamic=dynamic)
+    for batch in (3, 4):  # a second batch size: a recompile, or the dynamic graph
+        x = torch.randn(batch, 3, 32, 32)
+        ref_out, ref = _grads(model, x)
+        out, got = _grads(compiled, x)
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+        assert _relative(got, ref) < 1e-4
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_pretrained_cfg_follows_img_size(name):
+    model = tiny(name, device='meta')
+    assert model.pretrained_cfg['input_size'] == (3, 32, 32)
+    assert resolve_data_config(model=model)['input_size'] == (3, 32, 32)
+    gray = tiny(name, in_chans=1, device='meta')
+    assert resolve_data_config(model=gray)['input_size'] == (1, 32, 32)
+
+
+def test_input_size_error_says_what_to_change():
+    model = tiny('binaryvit').eval()
+    with pytest.raises(ValueError) as info:
+        model(torch.randn(1, 3, 64, 64))
+    message = str(info.value)
+    assert '--input-size 3 32 32' in message and 'img_size=(64, 64)' in message
+    with pytest.raises(ValueError, match='in_chans=3'):
+        model(torch.randn(1, 1, 32, 32))
