@@ -21,7 +21,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import tempfile
 import threading
 import time
@@ -203,7 +202,8 @@ def _decide(product: str, key: tuple, dtype: torch.dtype, device: torch.device) 
 
 
 def _time(fn: Callable[[], object], limit: float) -> float:
-    # Median of up to three timed runs after a warm-up; one run if the first is already over ``limit``.
+    # The fastest of up to three timed runs after a warm-up (on a shared machine the slower runs measure
+    # the neighbours, in whole scheduler slices); one run if the first is already over ``limit``.
     fn()
     runs = []
     for _ in range(3):
@@ -212,7 +212,7 @@ def _time(fn: Callable[[], object], limit: float) -> float:
         runs.append(timer() - start)
         if runs[-1] > limit:
             break
-    return statistics.median(runs)
+    return min(runs)
 
 
 def _disk_key(key: tuple) -> str:
