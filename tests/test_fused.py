@@ -107,6 +107,7 @@ def test_fused_matches_modules(name):
     _compare(*_fused_and_modules(name))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('train', [True, False])
 @pytest.mark.parametrize('name', sorted(TINY))
 def test_custom_autograd_matches_stock_autograd(name, train):
@@ -156,6 +157,7 @@ def test_float32_fused_close_to_modules():
     assert (fused[0][0] - modules[0][0]).norm() <= 1e-4 * modules[0][0].norm()
 
 
+@pytest.mark.slow
 def test_grad_checkpointing_matches():
     name = 'binaryvit_small_patch4_224'
     x = torch.randn(3, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))

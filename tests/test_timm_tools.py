@@ -44,6 +44,7 @@ def _relative(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in b) / scale
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', MODELS)
 def test_scripted_model_trains_with_eager_pseudo_gradients(name):
     model = _perturb(tiny(name).double())
@@ -95,6 +96,7 @@ def test_autocast_binary_products_stay_exact():
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('train', [True, False])
 @pytest.mark.parametrize('name', MODELS)
 def test_compile_has_no_graph_break(name, train):
