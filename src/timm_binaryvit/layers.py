@@ -118,6 +118,8 @@ def _sign_mm(signs: torch.Tensor, sign_weight: torch.Tensor, scale: torch.Tensor
 
 @torch.jit.unused
 def _outside_autocast(op, *operands: torch.Tensor) -> torch.Tensor:
+    if not isinstance(operands[0], torch.Tensor):  # an FX proxy: record the plain operator
+        return op(*operands)
     device = operands[0].device.type
     if device not in ('cpu', 'cuda', 'xpu') or not torch.is_autocast_enabled(device):
         return op(*operands)
