@@ -62,7 +62,16 @@ class _DeployedModel(nn.Module):
     def _fused_head(self, tokens: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _refuse_tracing(self) -> None:
+        # The runtime writes into reused buffers, which a tracer records as constants: a traced or exported
+        # graph would run and give wrong logits. Refuse rather than be silently wrong.
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            raise RuntimeError(
+                'a deployed model cannot be traced, exported or compiled (its runtime writes into reused '
+                'buffers); export or compile the training model in eval mode instead')
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._refuse_tracing()
         with torch.no_grad():
             tokens = self._tokens(x)
             if self._fused_ok():
@@ -70,6 +79,7 @@ class _DeployedModel(nn.Module):
             return self.forward_head(self._features_from_tokens(tokens))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._refuse_tracing()
         with torch.no_grad():
             return self._features_from_tokens(self._tokens(x))
 
