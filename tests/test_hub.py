@@ -298,7 +298,7 @@ def check_models(repos, results, outputs):
             key = f'{how}:{name}'
             assert results[key]['ok'], results[key]
             # the kernel chosen in another process may round differently (int8 or float32 products)
-                assert torch.allclose(outputs[key], repos['expected'][name], rtol=1e-4, atol=1e-5), key
+            assert torch.allclose(outputs[key], repos['expected'][name], rtol=1e-4, atol=1e-5), key
             assert results[key]['args'] == repos['args'][name], key
 
 
