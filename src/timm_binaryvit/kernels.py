@@ -30,7 +30,7 @@ import torch
 
 __all__ = [
     'MODES', 'ENV_MODE', 'ENV_CACHE', 'Choice', 'register', 'choose', 'get_mode', 'set_mode', 'kernel_mode',
-    'choices', 'clear_cache', 'cpu_info', 'describe_machine', 'report', 'shape_class',
+    'choices', 'clear_cache', 'cpu_info', 'describe_machine', 'dispatch_mode_active', 'report', 'shape_class',
 ]
 
 #: Environment variable that forces one kind of kernel (``auto`` measures).
@@ -130,7 +130,9 @@ def shape_class(shape: Tuple[int, ...]) -> Tuple[int, ...]:
     return (min(1 << (rows - 1).bit_length(), MEASURE_ROWS),) + tuple(int(s) for s in shape[1:])
 
 
-def _dispatch_mode_active() -> bool:
+def dispatch_mode_active() -> bool:
+    """Whether a TorchDispatchMode is active: op-level accounting (timm_binaryvit.profile,
+    FlopCounterMode) must see the plain float operators."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode
     return _get_current_dispatch_mode() is not None
 
@@ -145,7 +147,7 @@ def choose(product: str, shape: Tuple[int, ...], device=None, dtype: torch.dtype
     if torch.compiler.is_compiling():
         return 'float'
     device = torch.device(device if device is not None else 'cpu')
-    if device.type != 'cpu' or _dispatch_mode_active():
+    if device.type != 'cpu' or dispatch_mode_active():
         return 'float'
     key = (product, shape_class(shape), str(dtype).replace('torch.', ''), get_mode(), torch.get_num_threads())
     found = _choices.get(key)

@@ -57,10 +57,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 # The dispatch
 
 
-def _dispatch_mode_active() -> bool:
-    # Op-level accounting (timm_binaryvit.profile, FlopCounterMode) sees the plain float operators.
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-    return _get_current_dispatch_mode() is not None
+@contextlib.contextmanager
+def _raised(flag: threading.local):
+    # Set a thread-local flag for the duration of a ``with`` block, restoring what it was (blocks nest).
+    previous = getattr(flag, 'value', False)
+    flag.value = True
+    try:
+        yield
+    finally:
+        flag.value = previous
 
 
 _stock_only = threading.local()
@@ -71,12 +76,8 @@ def stock_operators():
     """Within this context every binary layer runs the straight-through compositions of stock operators:
     no custom autograd function, no fused path. The tests compare the custom functions with this
     reference; it is also what TorchScript, ``torch.compile`` and autocast run."""
-    previous = getattr(_stock_only, 'value', False)
-    _stock_only.value = True
-    try:
+    with _raised(_stock_only):
         yield
-    finally:
-        _stock_only.value = previous
 
 
 @torch.jit.unused
@@ -507,7 +508,7 @@ def fusable(x, *modules: nn.Module) -> bool:
     """
     if not isinstance(x, torch.Tensor) or not _custom_autograd_allowed(x):
         return False
-    if not all(m.training for m in modules) or _dispatch_mode_active() or _global_hooks():
+    if not all(m.training for m in modules) or kernels.dispatch_mode_active() or _global_hooks():
         return False
     for module in modules:
         for m in module.modules():
@@ -714,12 +715,8 @@ def frozen_batchnorm_stats():
     Gradient checkpointing runs a block's forward twice; without this, the recomputation
     would update every running mean and variance a second time.
     """
-    previous = getattr(_stats_frozen, 'value', False)
-    _stats_frozen.value = True
-    try:
+    with _raised(_stats_frozen):
         yield
-    finally:
-        _stats_frozen.value = previous
 
 
 class TokenBatchNorm(nn.Module):
