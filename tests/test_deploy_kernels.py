@@ -176,17 +176,18 @@ def test_deployed_from_file_never_materialises_float_binary_weights(tmp_path, mo
         assert all(f.dtype == torch.int8 for f in forms) if mode == 'int8' else True
 
 
-def test_trace_records_the_float_path(recwarn):
-    # a traced graph (torch.jit.trace, the legacy ONNX exporter) sees torch operators only: with the packed
-    # kernels forced it must still record the float products, or it would replay the traced input's results
+def test_tracing_a_deployed_model_is_refused():
+    # the runtime writes into reused buffers, which torch.jit.trace (and the legacy ONNX exporter) would record
+    # as constants and replay; with any kernel forced the deployed model must refuse instead of tracing wrong
     model = make('binary_deit_small_gap_mb_affine_patch16_224', img_size=64)
     deployed = deploy(model)
-    x, other = images(model), images(model, seed=7)
+    x = images(model)
     with kernels.kernel_mode('packed'), warnings.catch_warnings():
         warnings.simplefilter('ignore')
-        traced = torch.jit.trace(deployed, x, check_trace=False)
-        with torch.no_grad():
-            assert rel(traced(other), model(other)) < RTOL
+        with pytest.raises(RuntimeError, match='cannot be traced, exported or compiled'):
+            torch.jit.trace(deployed, x, check_trace=False)
+    with torch.no_grad():  # and it still runs eagerly afterwards
+        assert rel(deployed(x), model(x)) < RTOL
 
 
 def test_report_names_the_deploy_products():
