@@ -50,21 +50,21 @@ class Goal(NamedTuple):
         return f'{self.model} {self.mode} {self.quantity} / {against}'
 
 
+def _both(mode: str, quantity: str, limits, versus: Optional[str] = None, source: str = ''):
+    """One goal for each binary model: ``limits`` is (BinaryViT's, binary DeiT's)."""
+    return tuple(Goal(model, mode, quantity, limit, versus, source) for model, limit in zip(BINARY_MODELS, limits))
+
+
 GOALS = (
     Goal(BINARYVIT, 'train', 'time', 1.5, source='issue 9'),
     Goal(BINARYVIT, 'train', 'mem', 1.5, source='issue 9'),
     Goal(BINARY_DEIT, 'train', 'time', 1.3, source='issue 9'),
     Goal(BINARY_DEIT, 'train', 'mem', 1.4, source='issue 9'),
-    Goal(BINARYVIT, 'eval', 'time', 1.5, source='issue 9'),
-    Goal(BINARY_DEIT, 'eval', 'time', 1.5, source='issue 9'),
-    Goal(BINARYVIT, 'eval_dep', 'time', 1.0, versus='eval', source='issue 9'),
-    Goal(BINARY_DEIT, 'eval_dep', 'time', 1.0, versus='eval', source='issue 9'),
-    Goal(BINARYVIT, 'eval_dep', 'time', 0.30, source='issue 12'),
-    Goal(BINARY_DEIT, 'eval_dep', 'time', 0.25, source='issue 12'),
-    Goal(BINARYVIT, 'eval_dep_b1', 'time', 0.5, source='issue 12'),
-    Goal(BINARY_DEIT, 'eval_dep_b1', 'time', 0.5, source='issue 12'),
-    Goal(BINARYVIT, 'train_compiled', 'time', 1.0, versus='train', source='issue 10'),
-    Goal(BINARY_DEIT, 'train_compiled', 'time', 1.0, versus='train', source='issue 10'),
+    *_both('eval', 'time', (1.5, 1.5), source='issue 9'),
+    *_both('eval_dep', 'time', (1.0, 1.0), versus='eval', source='issue 9'),
+    *_both('eval_dep', 'time', (0.30, 0.25), source='issue 12'),
+    *_both('eval_dep_b1', 'time', (0.5, 0.5), source='issue 12'),
+    *_both('train_compiled', 'time', (1.0, 1.0), versus='train', source='issue 10'),
 )
 
 

@@ -45,6 +45,17 @@ def reference_model_kwargs(info: dict) -> dict:
     return kwargs
 
 
+#: The reference cases that stay in the quick selection (``-m "not slow"``) where a test runs every case:
+#: the smallest of each family. The full suite runs them all.
+QUICK_REFERENCE_TAGS = ('binaryvit_tinycfg', 'bideit_cls_d1')
+
+
+def slow_except(values, quick):
+    """``values`` as parameters, those not in ``quick`` marked ``slow``: the quick selection keeps a few
+    cases of a parametrised test, the full suite runs every one."""
+    return [v if v in quick else pytest.param(v, marks=pytest.mark.slow) for v in values]
+
+
 @pytest.fixture(scope='session')
 def reference_dir() -> Path:
     return require_reference()
@@ -60,6 +71,10 @@ def _seed():
     torch.manual_seed(0)
 
 
+#: Variables that pytest itself sets while a test runs.
+_PYTEST_ENVIRON = ('PYTEST_CURRENT_TEST',)
+
+
 def _global_state():
     from timm_binaryvit import kernels
 
@@ -69,7 +84,9 @@ def _global_state():
         deterministic=(torch.are_deterministic_algorithms_enabled(),
                        torch.is_deterministic_algorithms_warn_only_enabled()),
         grad_enabled=torch.is_grad_enabled(),
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
         kernel_mode=kernels._mode_override,
+        environ={k: v for k, v in os.environ.items() if k not in _PYTEST_ENVIRON},
     )
 
 
@@ -81,15 +98,33 @@ def _restore(state):
     enabled, warn_only = state['deterministic']
     torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
     torch.set_grad_enabled(state['grad_enabled'])
+    torch.set_float32_matmul_precision(state['float32_matmul_precision'])
     kernels.set_mode(state['kernel_mode'])
+    for name in set(os.environ) - set(state['environ']) - set(_PYTEST_ENVIRON):
+        del os.environ[name]
+    os.environ.update(state['environ'])
+
+
+def _changes(before, after):
+    changed = [f'{key}: {before[key]!r} -> {after[key]!r}' for key in before
+               if key != 'environ' and before[key] != after[key]]
+    env_before, env_after = before['environ'], after['environ']
+    changed += [f'${name}: {env_before.get(name)!r} -> {env_after.get(name)!r}'
+                for name in sorted(set(env_before) | set(env_after)) if env_before.get(name) != env_after.get(name)]
+    return changed
 
 
 @pytest.fixture(autouse=True)
 def _keep_global_torch_state():
-    """Whatever a test sets process-wide (threads, default dtype, deterministic algorithms, grad mode, the
-    kernel mode of timm_binaryvit.kernels) is put back afterwards, so no test depends on the order of the
-    tests before it."""
-    state = _global_state()
+    """No test may leave process-wide state changed (torch's thread count, default dtype, deterministic
+    algorithms, grad mode and float32 matmul precision, the kernel mode of timm_binaryvit.kernels, the
+    environment variables), so that no test depends on the order of the tests before it. A test that does
+    fails, and the state is put back for the tests after it: set such state with ``monkeypatch`` or a
+    fixture that restores it."""
+    before = _global_state()
     yield
-    if _global_state() != state:
-        _restore(state)
+    after = _global_state()
+    if after != before:
+        _restore(before)
+        pytest.fail('the test left global state changed (now restored): ' + '; '.join(_changes(before, after)),
+                    pytrace=False)

@@ -6,8 +6,9 @@ installed ``timm_binaryvit_autoload.pth``.  The hook is installed by
 ``pip install -e .`` / ``pip install .`` (see setup.py); these tests fail
 with a hint when the install predates it.
 
-Each check starts a Python with torch and timm (seconds on a 2-core CPU), so all but two are
-``slow``: the hook's file and ``import timm`` importing the plugin stay in the quick selection.
+A check that imports timm starts a Python with torch (seconds on a 2-core CPU), so all but one
+of those are ``slow``: the hook's file, a bare interpreter start (the hook installed once, nothing
+heavy imported) and ``import timm`` importing the plugin stay in the quick selection.
 """
 import importlib.metadata
 import importlib.util
@@ -67,7 +68,6 @@ def test_pth_is_one_import_line(installed_pth):
     assert len(lines) == 1 and lines[0].startswith("import "), lines
 
 
-@pytest.mark.slow
 def test_startup_imports_nothing_heavy(installed_pth, cwd):
     proc = run_python(f"""
         import sys

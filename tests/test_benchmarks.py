@@ -158,15 +158,22 @@ def _goal_rows(report):
     return list(rows.values())
 
 
+def _has_goal(text, label, value, limit, verdict):
+    """``text`` holds the goal line of ``label`` (a regular expression) with ``value`` and ``limit`` (as
+    printed) and ``verdict`` (a regular expression: PASS, or FAIL and what follows it)."""
+    pattern = rf'{label}\s+{re.escape(value)}  goal <= {re.escape(limit)}  {verdict}'
+    assert re.search(pattern, text), f'no line matches {pattern!r} in:\n{text}'
+
+
 def test_every_goal_passes_when_met(report):
     lines, passed = report.goal_lines(_goal_rows(report))
     assert passed and lines[-1] == 'All goals passed: yes'
     assert sum(' PASS ' in ln for ln in lines) == len(report.GOALS)
     text = '\n'.join(lines)
-    assert re.search(r'binaryvit_small_patch4_224 train time / DeiT-S train\s+1\.20x  goal <= 1\.50x  PASS', text)
-    assert re.search(r'binaryvit_small_patch4_224 eval_dep time / its eval\s+0\.14x  goal <= 1\.00x  PASS', text)
-    assert re.search(r'binary_deit\S+ eval_dep_b1 time / DeiT-S eval_b1\s+0\.40x  goal <= 0\.50x  PASS', text)
-    assert re.search(r'binary_deit\S+ train_compiled time / its train\s+0\.90x  goal <= 1\.00x  PASS', text)
+    _has_goal(text, 'binaryvit_small_patch4_224 train time / DeiT-S train', '1.20x', '1.50x', 'PASS')
+    _has_goal(text, 'binaryvit_small_patch4_224 eval_dep time / its eval', '0.14x', '1.00x', 'PASS')
+    _has_goal(text, r'binary_deit\S+ eval_dep_b1 time / DeiT-S eval_b1', '0.40x', '0.50x', 'PASS')
+    _has_goal(text, r'binary_deit\S+ train_compiled time / its train', '0.90x', '1.00x', 'PASS')
     assert re.search(r"binaryvit\S+ load_packed\(deployed=True\) peak memory at batch 1 \(no goal\): 600 MiB "
                      r"beside DeiT-S's 1000 MiB \(0\.60x\)", text)
 
@@ -181,12 +188,12 @@ def test_goal_fails_over_its_limit_and_when_not_measured(report):
     text = '\n'.join(lines)
     assert not passed and lines[-1] == 'All goals passed: no'
     assert 'INDICATIVE ONLY: test' in lines[0]
-    assert re.search(r'binary_deit\S+ train time / DeiT-S train\s+1\.35x  goal <= 1\.30x  FAIL', text)
-    assert re.search(r'binary_deit\S+ train mem / DeiT-S train\s+1\.20x  goal <= 1\.40x  PASS', text)
-    assert re.search(r'binaryvit\S+ eval_dep time / its eval\s+1\.01x  goal <= 1\.00x  FAIL', text)
-    assert re.search(r'binaryvit\S+ eval_dep time / DeiT-S eval\s+0\.31x  goal <= 0\.30x  FAIL', text)
-    assert re.search(r'binaryvit\S+ train_compiled time / its train\s+n/a  goal <= 1\.00x  FAIL  '
-                     r'\(not measured: failed \(InductorError: boom\)\)', text)
+    _has_goal(text, r'binary_deit\S+ train time / DeiT-S train', '1.35x', '1.30x', 'FAIL')
+    _has_goal(text, r'binary_deit\S+ train mem / DeiT-S train', '1.20x', '1.40x', 'PASS')
+    _has_goal(text, r'binaryvit\S+ eval_dep time / its eval', '1.01x', '1.00x', 'FAIL')
+    _has_goal(text, r'binaryvit\S+ eval_dep time / DeiT-S eval', '0.31x', '0.30x', 'FAIL')
+    _has_goal(text, r'binaryvit\S+ train_compiled time / its train', 'n/a', '1.00x',
+              r'FAIL  \(not measured: failed \(InductorError: boom\)\)')
 
 
 def test_goals_of_rows_not_run_are_not_printed(report):

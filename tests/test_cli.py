@@ -19,9 +19,10 @@ from safetensors.torch import load_file, save_file
 
 import timm
 
-from timm_binaryvit import cli, hub, kernels
+from timm_binaryvit import cli, cli_commands, hub, kernels, model_card
 
-from conftest import AUTHORS_VARIANTS, REFERENCE_DIR, reference_model_kwargs, require_reference
+from conftest import (AUTHORS_VARIANTS, QUICK_REFERENCE_TAGS, REFERENCE_DIR, reference_model_kwargs,
+                      require_reference, slow_except)
 
 REGISTERED = hub.registered_models()
 COMMANDS = ('list', 'profile', 'capability', 'convert', 'export', 'kernels', 'demo')
@@ -42,6 +43,15 @@ def run_cli(*args, timeout=600, console_script=False):
                           timeout=timeout)
 
 
+def run_cli_ok(*args, expect=(), **kwargs):
+    """:func:`run_cli`, which must exit with 0 and print each text of ``expect`` on its standard output."""
+    proc = run_cli(*args, **kwargs)
+    assert proc.returncode == 0, proc.stderr
+    missing = [text for text in expect if text not in proc.stdout]
+    assert not missing, f'not printed: {missing}\n{proc.stdout}'
+    return proc
+
+
 def call(capsys, *args):
     """``main(args)`` in process: (exit status, stdout, stderr)."""
     try:
@@ -58,19 +68,13 @@ def call(capsys, *args):
 
 @pytest.mark.slow
 def test_help_lists_every_command():
-    proc = run_cli('--help')
-    assert proc.returncode == 0, proc.stderr
-    for command in COMMANDS:
-        assert command in proc.stdout
-    assert 'BinaryViT' in proc.stdout and '2306.16678' in proc.stdout
+    run_cli_ok('--help', expect=(*COMMANDS, 'BinaryViT', '2306.16678'))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which('timm-binaryvit') is None, reason='the console script is not installed on PATH')
 def test_console_script():
-    proc = run_cli('capability', 'deit_small', console_script=True)
-    assert proc.returncode == 0, proc.stderr
-    assert '155,568' in proc.stdout and '153,216' in proc.stdout
+    run_cli_ok('capability', 'deit_small', console_script=True, expect=('155,568', '153,216'))
 
 
 @pytest.mark.parametrize('command', COMMANDS)
@@ -123,10 +127,7 @@ def test_bad_model_arguments_are_usage_errors(capsys):
 
 @pytest.mark.slow
 def test_list_subprocess():
-    proc = run_cli('list')
-    assert proc.returncode == 0, proc.stderr
-    for name in REGISTERED:
-        assert name in proc.stdout
+    proc = run_cli_ok('list', expect=REGISTERED)
     assert f'[1/{len(REGISTERED)}] building' in proc.stderr  # progress
     assert '%' in proc.stdout and 'MB' in proc.stdout and 'profile failed' not in proc.stdout
 
@@ -160,8 +161,7 @@ def test_profile(capsys):
 
 @pytest.mark.slow
 def test_profile_subprocess():
-    proc = run_cli('profile', 'binary_deit_small_patch16_224', '--depth', '1', '--input-size', '3', '224', '224')
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli_ok('profile', 'binary_deit_small_patch16_224', '--depth', '1', '--input-size', '3', '224', '224')
     assert 'blocks.0' in proc.stdout
 
 
@@ -238,7 +238,7 @@ def _check_reference_logits(folder, tag, reference):
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize('tag', TAGS)
+@pytest.mark.parametrize('tag', slow_except(TAGS, QUICK_REFERENCE_TAGS))
 def test_convert_reference_checkpoint(capsys, tmp_path, tag):
     reference = require_reference()
     info = json.loads((reference / 'manifest.json').read_text())[tag]
@@ -258,7 +258,7 @@ def test_convert_reference_checkpoint(capsys, tmp_path, tag):
         hub.constructor_args(timm.create_model(AUTHORS_VARIANTS[info['official_variant']], device='meta'))
     assert config['num_classes'] == info['num_classes']
     card = (out / 'README.md').read_text()
-    for text in ('2306.16678', 'CVPR 2023 Workshops', 'Le', hub.PAPER_TITLE, config['architecture'],
+    for text in ('2306.16678', 'CVPR 2023 Workshops', 'Le', model_card.PAPER_TITLE, config['architecture'],
                  f'{tag}.official.safetensors', "authors' BinaryViT training code"):
         assert text in card, text
     _check_reference_logits(out, tag, reference)
@@ -381,8 +381,7 @@ def cli_kwargs():
 def test_export_subprocess(tmp_path):
     model = timm.create_model('binaryvit', **cli_kwargs()).eval()
     hub.save_pretrained(model, tmp_path / 'repo')
-    proc = run_cli('export', f'local-dir:{tmp_path / "repo"}', '--out', tmp_path / 'model.packed')
-    assert proc.returncode == 0, proc.stderr
+    proc = run_cli_ok('export', f'local-dir:{tmp_path / "repo"}', '--out', tmp_path / 'model.packed')
     assert (tmp_path / 'model.packed').is_file()
     assert 'float32' in proc.stdout and 'packed' in proc.stdout
 
@@ -426,9 +425,8 @@ def test_kernels_bad_arguments(capsys):
 
 @pytest.mark.slow
 def test_kernels_subprocess_default_models():
-    proc = run_cli('kernels', '--batch-size', '1', '--img-size', '64')
-    assert proc.returncode == 0, proc.stderr
-    for name in cli.DEFAULT_KERNEL_MODELS:
+    proc = run_cli_ok('kernels', '--batch-size', '1', '--img-size', '64')
+    for name in cli_commands.DEFAULT_KERNEL_MODELS:
         assert re.search(rf'^{name} +1x3x64x64 ', proc.stdout, re.M), proc.stdout
     assert 'CPU: ' in proc.stdout and 'mode: auto' in proc.stdout
     assert 'measured: ' in proc.stdout  # auto mode times the candidates and shows the times
@@ -444,7 +442,7 @@ def test_demo_passes_its_arguments(capsys, tmp_path, monkeypatch):
                       'def main(argv=None):\n'
                       '    print(json.dumps(argv))\n'
                       '    return 0\n')
-    monkeypatch.setattr(cli, '_demo_script', lambda: script)
+    monkeypatch.setattr(cli_commands, '_demo_script', lambda: script)
     code, out, _ = call(capsys, 'demo', '--epochs', '1', '--quick')
     assert code == 0 and json.loads(out) == ['--epochs', '1', '--quick']
     code, out, _ = call(capsys, 'demo', '--', '--help')
@@ -452,14 +450,15 @@ def test_demo_passes_its_arguments(capsys, tmp_path, monkeypatch):
 
 
 def test_demo_missing_script(capsys, monkeypatch):
-    monkeypatch.setattr(cli, '_demo_script', lambda: None)
+    monkeypatch.setattr(cli_commands, '_demo_script', lambda: None)
     code, _, err = call(capsys, 'demo')
     assert code == 1 and 'train_digits.py' in err
 
 
-@pytest.mark.skipif(cli._demo_script() is None, reason='examples/train_digits.py (provided separately) is not there')
+@pytest.mark.skipif(cli_commands._demo_script() is None,
+                    reason='examples/train_digits.py (provided separately) is not there')
 def test_demo_script_is_found():
-    assert callable(getattr(_load(cli._demo_script()), 'main', None))
+    assert callable(getattr(_load(cli_commands._demo_script()), 'main', None))
 
 
 def _load(path):

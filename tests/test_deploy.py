@@ -19,16 +19,17 @@ from timm_binaryvit.deploy import (
     DeployedBinaryDeiT, DeployedBinaryViT, deploy, export_packed, is_deployed, load_packed)
 from timm_binaryvit.layers import ElasticBinarizer
 
+from conftest import slow_except
 from deploy_helpers import (  # noqa: F401  one_thread: a module fixture
     MODELS, MODES, RTOL, TAGS, images, is_pyramid, make, one_thread, reference_model, rel)
 
 
-@pytest.fixture(params=[m if m in ('auto', 'packed') else pytest.param(m, marks=pytest.mark.slow) for m in MODES])
+@pytest.fixture(params=slow_except(MODES, ('auto', 'packed')))
 def mode(request):
-    """Runs the test under each kernel mode (the conftest puts the previous mode back). The measured choice
-    and the packed kernels run in the quick selection (``-m "not slow"``); every forced kind runs in the full."""
-    kernels.set_mode(request.param)
-    return request.param
+    """Runs the test under each kernel mode, and puts the previous mode back. The measured choice and the
+    packed kernels run in the quick selection (``-m "not slow"``); every forced kind runs in the full."""
+    with kernels.kernel_mode(request.param):
+        yield request.param
 
 
 def test_every_family_is_covered():

@@ -14,18 +14,10 @@ from timm_binaryvit.deploy.runtime import (
     ATTENTION, LINEAR, FoldedBinaryLinear, SignBits, Workspace, attention_context)
 from timm_binaryvit.layers import BinaryConv2d, BinaryLinear
 
+from kernel_helpers import fake_clock, fresh_choices  # noqa: F401  (fresh_choices: autouse)
 from deploy_helpers import RTOL, images, make, one_thread, rel  # noqa: F401
 
 KINDS = {LINEAR: ('float', 'int8', 'packed'), ATTENTION: ('float', 'bf16', 'packed')}
-
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_MODE, raising=False)
-    monkeypatch.delenv(kernels.ENV_CACHE, raising=False)
-    kernels.clear_cache()
-    yield
-    kernels.clear_cache()
 
 
 def _runnable(kind, dtype=torch.float64):
@@ -80,24 +72,6 @@ def test_attention_kinds_agree_on_odd_shapes(g, N, h, d, Nk):
         assert torch.equal(ctx.double(), want), kind
 
 
-def _fake_clock(monkeypatch, cost):
-    """Each timed run of a deploy candidate costs ``cost[kind]`` seconds on a fake clock."""
-    now = [0.0]
-    monkeypatch.setattr(kernels, 'timer', lambda: now[0])
-    for product in (LINEAR, ATTENTION):
-        registry = {}
-        for kind, candidate in kernels._registry[product].items():
-            def make_timed(shape, dtype, device, _kind=kind, _make=candidate.make):
-                run = _make(shape, dtype, device)
-
-                def timed():
-                    run()
-                    now[0] += cost[_kind]
-                return timed
-            registry[kind] = kernels._Candidate(make_timed, candidate.unavailable)
-        monkeypatch.setitem(kernels._registry, product, registry)
-
-
 def _deployed_choices():
     return [c for c in kernels.choices() if c.product in (LINEAR, ATTENTION)]
 
@@ -105,7 +79,7 @@ def _deployed_choices():
 @pytest.mark.parametrize('name', ['binaryvit_small_patch4_224', 'binary_deit_small_gap_mb_affine_patch16_224'])
 def test_machine_where_int8_bf16_and_packed_are_slow_runs_float(monkeypatch, name):
     # an AVX2-only Zen 3: torch._int_mm 40x slower than float32, bfloat16 emulated
-    _fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040, 'bf16': 0.030, 'packed': 0.020})
+    fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040, 'bf16': 0.030, 'packed': 0.020}, KINDS)
     model = make(name)
     x = images(model)
     with torch.no_grad():
@@ -119,7 +93,7 @@ def test_machine_where_int8_bf16_and_packed_are_slow_runs_float(monkeypatch, nam
 
 
 def test_machine_where_int8_and_bf16_are_fast_uses_them(monkeypatch):
-    _fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.002, 'bf16': 0.002, 'packed': 0.020})
+    fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.002, 'bf16': 0.002, 'packed': 0.020}, KINDS)
     model = make('binary_deit_small_gap_mb_affine_patch16_224')
     x = images(model)
     with torch.no_grad():

@@ -40,6 +40,9 @@ class _Tee(io.StringIO):
 
 @pytest.fixture(scope='module')
 def example():
+    # scikit-learn sets KMP_* environment variables when first imported: import it once here, before the
+    # tests, so that the conftest's check sees no test change the environment
+    import sklearn.model_selection  # noqa: F401
     return _load_example()
 
 

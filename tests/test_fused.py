@@ -1,10 +1,10 @@
-"""The fused training path (custom autograd functions in layers.py / blocks.py) computes what the
+"""The fused training path (custom autograd functions in layers.py / batchnorm.py / fused.py) computes what the
 module-by-module path and the stock-autograd path compute: outputs, every gradient, BatchNorm running
 statistics, in float64.
 
 Two references: the module-by-module path, forced with a global forward hook (``fusable`` refuses to
 fuse when hooks are registered, so that they fire), which still runs the leaf layers' custom autograd
-functions; and ``layers.stock_operators()``, where every layer runs the quantizers' straight-through
+functions; and ``dispatch.stock_operators()``, where every layer runs the quantizers' straight-through
 compositions of stock operators and plain autograd differentiates them, sharing no backward code with
 the custom functions. The reference test (test_reference.py) ties the default path to the authors' code.
 """
@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 import timm
-from timm_binaryvit import blocks, kernels, layers
+from timm_binaryvit import batchnorm, dispatch, fused, kernels
 from timm_binaryvit.blocks import BinaryMlp, Block
-from timm_binaryvit.layers import BinaryLinear, TokenBatchNorm
+from timm_binaryvit.batchnorm import TokenBatchNorm
+from timm_binaryvit.layers import BinaryLinear
 
 TINY = {
     'binaryvit_small_patch4_224': dict(
@@ -113,7 +114,7 @@ def test_fused_matches_modules(name):
 def test_custom_autograd_matches_stock_autograd(name, train):
     x = torch.randn(3, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     custom = _run(_perturbed(name), x, train=train)
-    with layers.stock_operators():
+    with dispatch.stock_operators():
         stock = _run(_perturbed(name), x, train=train)
     _compare(custom, stock)
 
@@ -169,13 +170,13 @@ def test_grad_checkpointing_matches():
 
 def test_fused_path_is_taken_and_hooks_disable_it(monkeypatch):
     calls = []
-    forward = blocks._BinaryFFN.forward
+    forward = fused._BinaryFFN.forward
 
     def counting(ctx, *args):
         calls.append(1)
         return forward(ctx, *args)
 
-    monkeypatch.setattr(blocks._BinaryFFN, 'forward', staticmethod(counting))
+    monkeypatch.setattr(fused._BinaryFFN, 'forward', staticmethod(counting))
     model = _perturbed('binary_deit_small_gap_mb_affine_patch16_224', dtype=torch.float32)
     x = torch.randn(2, 3, 64, 64)
     model(x)
@@ -194,7 +195,7 @@ def test_sync_batchnorm_conversion_uses_module_path():
         expected = model(x)
         converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         assert isinstance(converted.blocks[0].mlp.fc1.norm.bn, torch.nn.SyncBatchNorm)
-        assert not layers.fusable(x, converted.blocks[0])
+        assert not fused.fusable(x, converted.blocks[0])
         torch.testing.assert_close(converted(x), expected, rtol=1e-12, atol=1e-12)
 
 
@@ -238,10 +239,10 @@ def test_token_batchnorm_frozen_stats_in_fused_path():
     norm = TokenBatchNorm(8, dtype=torch.float64).train()
     y = torch.randn(10, 8, dtype=torch.float64)
     before = (norm.bn.running_mean.clone(), norm.bn.num_batches_tracked.clone())
-    with layers.frozen_batchnorm_stats():
-        layers.batchnorm_forward(norm.bn, y, None, None)
+    with batchnorm.frozen_batchnorm_stats():
+        batchnorm.batchnorm_forward(norm.bn, y, None, None)
     assert torch.equal(norm.bn.running_mean, before[0]) and torch.equal(norm.bn.num_batches_tracked, before[1])
-    out, mean, invstd, batch = layers.batchnorm_forward(norm.bn, y, None, None)
+    out, mean, invstd, batch = batchnorm.batchnorm_forward(norm.bn, y, None, None)
     torch.testing.assert_close(out, F.batch_norm(y, None, None, training=True))
     assert batch and int(norm.bn.num_batches_tracked) == 1
 
@@ -259,7 +260,7 @@ def test_binary_linear_matches_stock_autograd(mode):
     y.backward(g)
     custom = (y.detach(), x.grad.clone(), lin.shift.grad.clone(), lin.weight.grad.clone())
     x.grad = lin.shift.grad = lin.weight.grad = None
-    with layers.stock_operators():
+    with dispatch.stock_operators():
         y2 = lin(x)
     y2.backward(g)
     stock = (y2.detach(), x.grad, lin.shift.grad, lin.weight.grad)

@@ -31,7 +31,7 @@ import timm
 from timm.models import save_for_hf
 from timm.models._hub import save_config_for_hf
 
-from timm_binaryvit import BinaryDeiT, BinaryViT, hub
+from timm_binaryvit import BinaryDeiT, BinaryViT, hub, model_card
 
 ORG = 'testorg'
 COMMIT = 'a' * 40  # the commit hash our fake Hub serves / our hand-built cache records
@@ -502,9 +502,9 @@ def test_model_card(tmp_path):
                                                          repo_id=f'{ORG}/card'))
     card = (tmp_path / 'README.md').read_text()
     assert card.startswith('---\n') and 'library_name: timm' in card and 'license: apache-2.0' in card
-    for text in ('2306.16678', 'CVPR 2023 Workshops', 'Le', hub.PAPER_TITLE, 'binaryvit_small_fpembed_patch4_224',
-                 'full-precision stage transitions', 'trained on nothing, for a test', f'hf-hub:{ORG}/card',
-                 '`embed_dims`'):
+    for text in ('2306.16678', 'CVPR 2023 Workshops', 'Le', model_card.PAPER_TITLE,
+                 'binaryvit_small_fpembed_patch4_224', 'full-precision stage transitions',
+                 'trained on nothing, for a test', f'hf-hub:{ORG}/card', '`embed_dims`'):
         assert text in card, text
 
 

@@ -8,59 +8,33 @@ import pytest
 import torch
 
 import timm
-from timm_binaryvit import kernels, layers
+from timm_binaryvit import dispatch, kernels
 
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    monkeypatch.delenv(kernels.ENV_MODE, raising=False)
-    monkeypatch.delenv(kernels.ENV_CACHE, raising=False)
-    kernels.clear_cache()
-    yield
-    kernels.clear_cache()
-    kernels.set_mode(None)
-
-
-def _fake_clock(monkeypatch, cost):
-    """Make each timed call of a candidate cost ``cost[kind]`` seconds on a fake clock: the candidates are
-    wrapped so that the clock advances by their cost when they run."""
-    now = [0.0]
-    monkeypatch.setattr(kernels, 'timer', lambda: now[0])
-    registry = {}
-    for kind, candidate in kernels._registry['sign_mm'].items():
-        def make(shape, dtype, device, _kind=kind, _make=candidate.make):
-            run = _make(shape, dtype, device)
-
-            def timed():
-                run()
-                now[0] += cost[_kind]
-            return timed
-        registry[kind] = kernels._Candidate(make, candidate.unavailable)
-    monkeypatch.setitem(kernels._registry, 'sign_mm', registry)
+from kernel_helpers import fake_clock, fresh_choices  # noqa: F401  (fresh_choices: autouse)
 
 
 def test_slow_int8_machine_chooses_float(monkeypatch):
     # A Zen 3 without VNNI: torch._int_mm 40x slower than float32.
-    _fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040})
+    fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040})
     assert kernels.choose('sign_mm', (3152, 384, 1536)) == 'float'
     made = kernels.choices()[-1]
     assert made.kind == 'float' and made.times['int8'] > made.times['float'] and 'measured' in made.reason
 
 
 def test_fast_int8_machine_chooses_int8(monkeypatch):
-    _fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.004})
+    fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.004})
     assert kernels.choose('sign_mm', (3152, 384, 1536)) == 'int8'
 
 
 def test_float_wins_near_ties(monkeypatch):
     # Within the noise margin the plain float32 path stays.
-    _fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.0099})
+    fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.0099})
     assert kernels.choose('sign_mm', (64, 64, 64)) == 'float'
 
 
 def test_slow_candidate_timed_once(monkeypatch):
     calls = []
-    _fake_clock(monkeypatch, {'float': 0.001, 'int8': 1.0})
+    fake_clock(monkeypatch, {'float': 0.001, 'int8': 1.0})
     original = kernels._registry['sign_mm']['int8'].make
 
     def counting(shape, dtype, device):
@@ -72,7 +46,7 @@ def test_slow_candidate_timed_once(monkeypatch):
 
 
 def test_choice_is_cached_per_shape_class(monkeypatch):
-    _fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040})
+    fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040})
     kernels.choose('sign_mm', (3000, 384, 1536))
     kernels.choose('sign_mm', (3152, 384, 1536))  # same class: rows capped at MEASURE_ROWS
     kernels.choose('sign_mm', (3152, 384, 384))
@@ -83,7 +57,7 @@ def test_choice_is_cached_per_shape_class(monkeypatch):
 
 @pytest.mark.parametrize('mode', ['float', 'int8'])
 def test_forced_mode(monkeypatch, mode):
-    _fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040})
+    fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040})
     with kernels.kernel_mode(mode):
         assert kernels.choose('sign_mm', (64, 64, 64)) == mode
         assert 'forced' in kernels.choices()[-1].reason
@@ -106,7 +80,7 @@ def test_bad_mode_is_a_clear_error(monkeypatch):
 
 
 def test_off_cpu_compiled_or_profiled_is_float(monkeypatch):
-    _fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.001})
+    fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.001})
     assert kernels.choose('sign_mm', (64, 64, 64), device='meta') == 'float'
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False):
@@ -118,12 +92,12 @@ def test_off_cpu_compiled_or_profiled_is_float(monkeypatch):
 def test_disk_cache_round_trip(monkeypatch, tmp_path):
     path = tmp_path / 'sub' / 'kernels.json'
     monkeypatch.setenv(kernels.ENV_CACHE, str(path))
-    _fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.001})
+    fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.001})
     assert kernels.choose('sign_mm', (64, 64, 64)) == 'int8'
     saved = json.loads(path.read_text())
     assert list(saved.values()) == ['int8']
     kernels.clear_cache()
-    _fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.010})  # would measure float now
+    fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.010})  # would measure float now
     assert kernels.choose('sign_mm', (64, 64, 64)) == 'int8'
     assert 'measured earlier' in kernels.choices()[-1].reason
     path.write_text('not json')
@@ -144,7 +118,7 @@ def test_real_candidates_agree_and_report_names_the_machine():
     expected = a.double() @ (b.double() * scale.double()[:, None]).t()
     for kind in ('float', 'int8'):
         ops = (a.to(torch.int8), b.to(torch.int8)) if kind == 'int8' else (a, b)
-        got = layers._sign_mm(*ops, scale, kind)
+        got = dispatch._sign_mm(*ops, scale, kind)
         torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-5)
     kernels.choose('sign_mm', (33, 70, 20))
     text = kernels.report()
@@ -170,6 +144,7 @@ def test_models_follow_the_choice(monkeypatch):
     assert calls
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch; test_forced_mode checks the variable in-process
 def test_environment_variable_reaches_a_fresh_process(tmp_path):
     code = ('import torch; from timm_binaryvit import kernels; '
             'print(kernels.choose("sign_mm", (8, 8, 8))); print(kernels.report())')
@@ -177,3 +152,29 @@ def test_environment_variable_reaches_a_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[0] == 'float' and 'mode: float' in out.stdout
+
+
+def test_candidates_take_turns_and_the_fastest_run_counts(monkeypatch):
+    # On a shared machine some timed runs include a neighbour's scheduler slice: the candidates are timed in
+    # turn, each TIMED_RUNS times after a warm-up, and each one's fastest run decides, so int8 (4x faster)
+    # wins here although all but its last timed run were hit by a burst of 8 ms.
+    if kernels._registry['sign_mm']['int8'].unavailable((64, 64, 64), torch.float32, torch.device('cpu')):
+        pytest.skip('torch._int_mm is not available in this torch build')
+    now, order, cost = [0.0], [], {'float': 0.004, 'int8': 0.001}
+    monkeypatch.setattr(kernels, 'timer', lambda: now[0])
+
+    def wrapped(kind, candidate):
+        def make(shape, dtype, device):
+            run = candidate.make(shape, dtype, device)
+
+            def timed():
+                order.append(kind)
+                run()
+                hit = kind == 'int8' and order.count('int8') <= kernels.TIMED_RUNS  # warm-up + all but one
+                now[0] += cost[kind] + (0.008 if hit else 0.0)
+            return timed
+        return kernels._Candidate(make, candidate.unavailable)
+    for kind, candidate in list(kernels._registry['sign_mm'].items()):
+        monkeypatch.setitem(kernels._registry['sign_mm'], kind, wrapped(kind, candidate))
+    assert kernels.choose('sign_mm', (64, 64, 64)) == 'int8'
+    assert order == ['float', 'int8'] * (kernels.TIMED_RUNS + 1)  # a warm-up each, then in turn

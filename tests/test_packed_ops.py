@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -220,7 +221,35 @@ def test_register_candidates_is_idempotent_and_runs(ext):
             assert dots.shape == (2, 5, 7) and ctx.shape == (2, 5, 16)
 
 
-# ---- the fallback, in fresh processes (the module builds at most once per process)
+# ---- the fallback, in this process with the module's build state reset (quick), then in fresh processes
+# (the module builds at most once per process; each fresh process imports torch, so those are slow)
+
+
+def _ours(caught):
+    return [str(w.message) for w in caught if 'packed 1-bit kernels' in str(w.message)]
+
+
+def test_fallback_rules_in_process(monkeypatch, tmp_path):
+    # _tried/_ext/_reason as before the first use; monkeypatch puts this process's build back afterwards
+    for name, value in (('_tried', False), ('_ext', None), ('_reason', None)):
+        monkeypatch.setattr(packed_ops, name, value)
+    monkeypatch.setenv(packed_ops.ENV_DISABLE, '1')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert not packed_ops.available() and not packed_ops.available()
+    assert not _ours(caught) and packed_ops.ENV_DISABLE in packed_ops.unavailable_reason()
+    with pytest.raises(RuntimeError, match='packed 1-bit kernels are unavailable'):
+        packed_ops.pack_signs(torch.ones(2, 3))
+
+    monkeypatch.setattr(packed_ops, '_tried', False)
+    monkeypatch.delenv(packed_ops.ENV_DISABLE)
+    monkeypatch.setenv('CXX', str(tmp_path / 'nonexistent-c++'))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert not packed_ops.available() and not packed_ops.available()
+    ours = _ours(caught)
+    assert len(ours) == 1 and 'no C++ compiler found' in ours[0] and 'nonexistent-c++' in ours[0], ours
+
 
 def _run_python(code, **env):
     full = dict(os.environ, **env)
@@ -248,6 +277,7 @@ _PROBE = '''
 '''
 
 
+@pytest.mark.slow
 def test_env_forces_fallback_without_warning():
     r = _run_python(_PROBE + '''
     import torch
@@ -263,6 +293,7 @@ def test_env_forces_fallback_without_warning():
     assert 'CHOSEN float' in r.stdout
 
 
+@pytest.mark.slow
 def test_no_compiler_warns_once_and_falls_back(tmp_path):
     r = _run_python(_PROBE, CXX=str(tmp_path / 'nonexistent-c++'), TORCH_EXTENSIONS_DIR=str(tmp_path / 'ext'))
     assert r.returncode == 0, r.stderr
@@ -270,6 +301,7 @@ def test_no_compiler_warns_once_and_falls_back(tmp_path):
     assert 'no C++ compiler found' in r.stdout and 'nonexistent-c++' in r.stdout
 
 
+@pytest.mark.slow
 def test_failed_build_warns_once_with_the_compiler_error(tmp_path):
     fake = tmp_path / 'fake-c++'
     # a real compiler whose compilations fail (as with a broken toolchain or missing headers)

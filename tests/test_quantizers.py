@@ -4,7 +4,7 @@ with the package's own helpers. Runs on a fresh clone (no ../shared needed)."""
 import pytest
 import torch
 
-from timm_binaryvit import layers, quantizers
+from timm_binaryvit import batchnorm, dispatch, layers, quantizers
 
 DT = torch.float64
 
@@ -112,23 +112,19 @@ def test_elastic_binariser_ste_and_backward():
     ref_p, ref_s = _elastic_reference(g, p, s)
     value = s * torch.clamp(torch.round(p / s), 0, 1)
 
-    pp, ss = p.clone().requires_grad_(), s.clone().requires_grad_()
-    y = quantizers.elastic_binarize_ste(pp, ss)
-    assert torch.equal(y.detach(), value)
-    y.backward(g)
-    torch.testing.assert_close(pp.grad, ref_p, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ss.grad, ref_s, rtol=1e-10, atol=1e-12)
+    # the straight-through composition of stock operators, and the layers' custom autograd function
+    for binarize in (quantizers.elastic_binarize_ste, layers.elastic_binarize):
+        pp, ss = p.clone().requires_grad_(), s.clone().requires_grad_()
+        y = binarize(pp, ss)
+        assert torch.equal(y.detach(), value), binarize.__name__
+        y.backward(g)
+        named = lambda m: f'{binarize.__name__}: {m}'  # noqa: E731
+        torch.testing.assert_close(pp.grad, ref_p, rtol=0, atol=1e-12, msg=named)
+        torch.testing.assert_close(ss.grad, ref_s, rtol=1e-10, atol=1e-12, msg=named)
 
     grad_p, grad_s = quantizers.elastic_backward(g, p, s, True)
     torch.testing.assert_close(grad_p, ref_p, rtol=0, atol=1e-12)
     torch.testing.assert_close(grad_s, ref_s, rtol=1e-10, atol=1e-12)
-
-    pp, ss = p.clone().requires_grad_(), s.clone().requires_grad_()
-    y = layers.elastic_binarize(pp, ss)
-    assert torch.equal(y.detach(), value)
-    y.backward(g)
-    torch.testing.assert_close(pp.grad, ref_p, rtol=0, atol=1e-12)
-    torch.testing.assert_close(ss.grad, ref_s, rtol=1e-10, atol=1e-12)
 
 
 def test_binary_conv2d_function_matches_stock_autograd():
@@ -168,7 +164,7 @@ def test_rprelu_function_gradcheck():
 def test_norm_add_rprelu_gradcheck():
     # BN + shortcut + RPReLU (+ affine, + residual) as one function: smooth away from the PReLU kink.
     torch.manual_seed(0)
-    norm, act, affine = layers.TokenBatchNorm(6, dtype=DT), layers.RPReLU(6, dtype=DT), layers.Affine(6, dtype=DT)
+    norm, act, affine = batchnorm.TokenBatchNorm(6, dtype=DT), layers.RPReLU(6, dtype=DT), layers.Affine(6, dtype=DT)
     with torch.no_grad():
         for p in list(norm.parameters()) + list(act.parameters()) + list(affine.parameters()):
             p.add_(torch.randn_like(p) * 0.1)
@@ -177,10 +173,10 @@ def test_norm_add_rprelu_gradcheck():
     residual = torch.randn(2, 5, 6, dtype=DT, requires_grad=True)
 
     def fused(y, shortcut, residual):
-        return layers.norm_add_rprelu(y, shortcut, norm, act, affine=affine, residual=residual)
+        return batchnorm.norm_add_rprelu(y, shortcut, norm, act, affine=affine, residual=residual)
 
-    with layers.frozen_batchnorm_stats():  # gradcheck calls it many times; keep the statistics still
+    with batchnorm.frozen_batchnorm_stats():  # gradcheck calls it many times; keep the statistics still
         assert torch.autograd.gradcheck(fused, (y, shortcut, residual), atol=1e-6)
-        with layers.stock_operators():
+        with dispatch.stock_operators():
             reference = residual + affine(act(norm(y) + shortcut))
         torch.testing.assert_close(fused(y, shortcut, residual), reference, rtol=1e-12, atol=1e-12)

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 import timm
 from timm_binaryvit import checkpoint_filter_fn, convert_authors_state_dict
 
-from conftest import AUTHORS_VARIANTS, REFERENCE_DIR, reference_model_kwargs, require_reference
+from conftest import (AUTHORS_VARIANTS, QUICK_REFERENCE_TAGS, REFERENCE_DIR, reference_model_kwargs,
+                      require_reference, slow_except)
 
 TAGS = sorted(json.loads((REFERENCE_DIR / 'manifest.json').read_text())) if (REFERENCE_DIR / 'manifest.json').is_file() \
     else ['(reference data absent)']
@@ -74,7 +75,7 @@ def test_train_logits_and_gradients(tag):
     assert checked >= len(expected) // 2
 
 
-@pytest.mark.parametrize('tag', TAGS)
+@pytest.mark.parametrize('tag', slow_except(TAGS, QUICK_REFERENCE_TAGS))
 def test_grad_checkpointing_matches_reference(tag):
     """Checkpointed training computes the same logits and gradients and leaves the same running stats."""
     model, reference = _build(tag)

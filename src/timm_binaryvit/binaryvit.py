@@ -8,21 +8,19 @@ Four stages of binary transformer layers (widths 64-128-256-512, depths 3-4-8-4)
 2x2 convolution with a pooled, channel-repeated shortcut) or full-precision. The exact
 computation is ``shared/design/ARCHITECTURE.md``.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 
-from .blocks import (
-    Block, PatchEmbed, check_image_input, checkpoint_block, grid_to_tokens, tokens_to_grid, with_input_size_cfg)
-from .convert import checkpoint_filter_fn
-from .layers import BinaryConv2d, RPReLU, TokenBatchNorm
+from .batchnorm import TokenBatchNorm
+from .blocks import Block, PatchEmbed, checkpoint_block
+from .layers import BinaryConv2d, RPReLU, grid_to_tokens, tokens_to_grid
+from .model_api import TimmModelApi, build_model, default_cfg
 
 __all__ = ['BinaryViT', 'BinaryDownsample', 'FullPrecisionDownsample', 'BinaryViTStage']
 
@@ -115,7 +113,7 @@ class BinaryViTStage(nn.Module):
         return x, feat_size
 
 
-class BinaryViT(nn.Module):
+class BinaryViT(TimmModelApi):
     """BinaryViT (Le & Li, CVPR 2023 Workshops): a four-stage pyramid of binary transformer layers.
 
     Args:
@@ -129,6 +127,7 @@ class BinaryViT(nn.Module):
         drop_rate: dropout before the head.
         drop_path_rate: stochastic depth, rising linearly over all layers.
     """
+    prune_norm_drops_head = True
 
     def __init__(
             self,
@@ -155,8 +154,7 @@ class BinaryViT(nn.Module):
         for name, value in per_stage.items():
             if len(value) != num_stages:
                 raise ValueError(f'{name} has {len(value)} entries but depths has {num_stages} stages')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self._check_global_pool(global_pool)
         self.img_size = to_2tuple(img_size)
         stride = patch_size * 2 ** (num_stages - 1)
         if self.img_size[0] % stride or self.img_size[1] % stride:
@@ -201,10 +199,7 @@ class BinaryViT(nn.Module):
                 **dd,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.norm = TokenBatchNorm(embed_dims[-1], **dd)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dims[-1], num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self._build_head(embed_dims[-1], drop_rate, **dd)
         self._grids = grids
         if not self.norm.bn.weight.is_meta:
             self.init_weights()
@@ -212,9 +207,7 @@ class BinaryViT(nn.Module):
     def init_weights(self):
         for stage in self.stages:
             trunc_normal_(stage.pos_embed, std=.02)
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=.02)
-            nn.init.zeros_(self.head.bias)
+        self._init_head()
 
     @torch.jit.ignore
     def no_weight_decay(self):
@@ -237,151 +230,61 @@ class BinaryViT(nn.Module):
         for stage in self.stages:
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        weight = self.head.weight if isinstance(self.head, nn.Linear) else next(self.parameters())
-        self.head = nn.Linear(self.num_features, num_classes, device=weight.device, dtype=weight.dtype) \
-            if num_classes > 0 else nn.Identity()
-        if isinstance(self.head, nn.Linear) and not weight.is_meta:
-            trunc_normal_(self.head.weight, std=.02)
-            nn.init.zeros_(self.head.bias)
-        self.head.train(self.training)
-
-    def _check_input(self, x: torch.Tensor):
-        if not torch.jit.is_scripting():
-            check_image_input(x, self.in_chans, self.img_size, 'BinaryViT')
-
-    @torch.jit.ignore
-    def model_args(self) -> Dict[str, Any]:
-        """The JSON-serialisable constructor arguments that rebuild this architecture (drop rates aside:
-        they do not change it). Read from the model, so they follow ``reset_classifier``."""
+    def _architecture_args(self) -> Dict[str, Any]:
         if len(self.stages) != len(self.depths):
             raise ValueError(
                 f'this BinaryViT was pruned to {len(self.stages)} of {len(self.depths)} stages '
                 f'(prune_intermediate_layers); a pruned model cannot be rebuilt from its arguments')
         return dict(
-            img_size=[int(v) for v in self.img_size], in_chans=int(self.in_chans),
-            num_classes=int(self.num_classes), global_pool=str(self.global_pool), patch_size=int(self.patch_size),
             embed_dims=[int(v) for v in self.embed_dims], depths=[int(v) for v in self.depths],
             num_heads=[int(v) for v in self.num_heads], mlp_ratios=[int(v) for v in self.mlp_ratios],
             sr_ratios=[int(v) for v in self.sr_ratios], fp_transitions=bool(self.fp_transitions),
         )
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs as ``(B, C_i, H / s_i, W / s_i)`` maps (strides 4, 8, 16, 32).
-
-        Args:
-            x: input images.
-            indices: last ``n`` stages if an int, the listed stages if a sequence, all if None.
-            norm: apply the final token BatchNorm to the last stage's output.
-            stop_early: stop after the last requested stage.
-            output_fmt: ``'NCHW'`` only.
-            intermediates_only: return only the intermediates.
-        """
-        if output_fmt != 'NCHW':
-            raise ValueError(f"BinaryViT returns intermediates as 'NCHW', got output_fmt={output_fmt!r}")
+    def _stem(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last = len(self.stages) - 1
-        intermediates = []
-        x = self.patch_embed(x)
-        feat_size = self._grids[0]
-        for i, stage in enumerate(self.stages):
-            if stop_early and i > max_index:
-                break
-            x, feat_size = stage(x, feat_size)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(tokens_to_grid(y, feat_size))
-        if intermediates_only:
-            return intermediates
-        x = tokens_to_grid(self.norm(x), feat_size)
-        return x, intermediates
+        return self.patch_embed(x), self._grids[0]
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ):
-        """Drop the stages (and, as asked, the final norm and head) that the requested intermediates do not need."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        if max_index < len(self.stages) - 1:
-            self.stages = self.stages[:max_index + 1]
-            self.num_features = self.head_hidden_size = self.embed_dims[max_index]
-            prune_norm = True
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head or prune_norm:
-            self.reset_classifier(0, '')
-        return take_indices
+    def _feature_units(self) -> nn.ModuleList:
+        return self.stages
+
+    def _run_unit(self, stage: nn.Module, x: torch.Tensor, feat_size: Tuple[int, int]):
+        return stage(x, feat_size)
+
+    def _tap(self, x: torch.Tensor, feat_size: Tuple[int, int], index: int, norm: bool, output_fmt: str):
+        # Stage outputs as (B, C_i, H / s_i, W / s_i) maps (strides 4, 8, 16, 32); ``norm`` applies the
+        # final token BatchNorm to the last stage's output only.
+        y = self.norm(x) if norm and index == len(self.stages) - 1 else x
+        return tokens_to_grid(y, feat_size)
+
+    def _final_features(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        return tokens_to_grid(x, feat_size)
+
+    def _truncate_units(self, count: int) -> bool:
+        if count >= len(self.stages):
+            return False
+        self.stages = self.stages[:count]
+        self.num_features = self.head_hidden_size = self.embed_dims[count - 1]
+        return True
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features ``(B, C_4, H / 32, W / 32)`` after the final token BatchNorm."""
-        self._check_input(x)
-        x = self.patch_embed(x)
-        feat_size = self._grids[0]
+        x, feat_size = self._stem(x)
         for stage in self.stages:
             x, feat_size = stage(x, feat_size)
-        return tokens_to_grid(self.norm(x), feat_size)
+        return self._final_features(self.norm(x), feat_size)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(-2, -1))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(-2, -1)) if self.global_pool == 'avg' else x
 
 
 def _create_binaryvit(variant: str, pretrained: bool = False, **kwargs) -> BinaryViT:
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (3, 4, 8, 4))))))
-    kwargs = with_input_size_cfg(kwargs)
-    return build_model_with_cfg(
-        BinaryViT,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        **kwargs,
-    )
+    all_stages = tuple(range(len(kwargs.get('depths', (3, 4, 8, 4)))))
+    return build_model(BinaryViT, variant, pretrained, all_stages, **kwargs)
 
 
 def _cfg(**kwargs):
-    return {
-        'url': '',
-        'num_classes': 1000,
-        'input_size': (3, 224, 224),
-        'pool_size': (7, 7),
-        'crop_pct': 0.875,
-        'interpolation': 'bicubic',
-        'fixed_input_size': True,
-        'mean': IMAGENET_DEFAULT_MEAN,
-        'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj',
-        'classifier': 'head',
-        'license': 'apache-2.0',
-        'paper_ids': 'arXiv:2306.16678',
-        'paper_name': 'BinaryViT: Pushing Binary Vision Transformers Towards Convolutional Models',
-        **kwargs,
-    }
+    return default_cfg(**dict(dict(pool_size=(7, 7)), **kwargs))
 
 
 default_cfgs = generate_default_cfgs({

@@ -18,13 +18,14 @@ whose message names the source, the file and what is wrong with it (not cached w
 an unknown architecture in ``config.json``, a truncated ``model.safetensors``, weights of another
 model ...).
 
-:func:`convert_checkpoint` turns a checkpoint trained with the authors' code into such a folder.
+The model card is written by :mod:`timm_binaryvit.model_card`;
+:func:`timm_binaryvit.checkpoints.convert_checkpoint` turns a checkpoint trained with the authors'
+code into such a folder.
 """
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -33,15 +34,9 @@ import timm
 from timm.models import get_pretrained_cfg, is_model, model_entrypoint
 
 __all__ = [
-    'AUTHORS_VARIANTS', 'PAPER_TITLE', 'PAPER_AUTHORS', 'PAPER_VENUE', 'PAPER_ARXIV', 'LoadError',
-    'registered_models', 'resolve_model_name', 'model_family', 'constructor_args', 'architecture_name',
-    'save_pretrained', 'push_to_hub', 'write_model_card', 'load_model', 'load_checkpoint_file', 'convert_checkpoint',
+    'AUTHORS_VARIANTS', 'LoadError', 'registered_models', 'resolve_model_name', 'model_family', 'constructor_args',
+    'architecture_name', 'save_pretrained', 'push_to_hub', 'load_model',
 ]
-
-PAPER_TITLE = 'BinaryViT: Pushing Binary Vision Transformers Towards Convolutional Models'
-PAPER_AUTHORS = 'Phuoc-Hoan Charles Le and Xinlin Li'
-PAPER_VENUE = 'CVPR 2023 Workshops'
-PAPER_ARXIV = '2306.16678'
 
 #: The authors' model variants (names in their code and in the reference manifest) -> ours.
 AUTHORS_VARIANTS = {
@@ -199,7 +194,7 @@ def save_pretrained(
         model_args: extra or replacement constructor arguments to record.
         model_config: passed to ``save_for_hf`` (``label_names`` and other top-level config fields).
         data_config: passed to ``save_for_hf`` (preprocessing of the exported checkpoint).
-        model_card: write ``README.md`` (:func:`write_model_card`); a dict gives its keyword
+        model_card: write ``README.md`` (:func:`timm_binaryvit.model_card.write_model_card`); a dict gives its keyword
             arguments (``source``, ``repo_id``, ``license``, ``title``, ``description``).
         safe_serialization: ``True`` (``model.safetensors``), ``False`` (``pytorch_model.bin``) or ``'both'``.
         check: verify that the recorded configuration rebuilds the same state dict (raises ``ValueError``).
@@ -232,6 +227,8 @@ def save_pretrained(
         for name in added:
             delattr(model, name)
     if model_card is not False:
+        from .model_card import write_model_card  # imported here: it builds on this module
+
         write_model_card(model, save_dir, **(model_card if isinstance(model_card, dict) else {}))
     return save_dir
 
@@ -257,142 +254,6 @@ def push_to_hub(model: nn.Module, repo_id: str, *, commit_message: str = 'Add mo
         save_pretrained(model, tmp, model_card=model_card, **save_kwargs)
         return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision, create_pr=create_pr,
                                  commit_message=commit_message)
-
-
-# ---------------------------------------------------------------------------------------------
-# Model card
-
-
-def _describe(model: nn.Module) -> str:
-    if model_family(model) == 'pyramid':
-        transitions = ('full-precision stage transitions (the paper\'s "FP patch embedding" variant)'
-                       if model.fp_transitions else 'binary stage transitions')
-        return (f'BinaryViT: a {len(model.depths)}-stage pyramid of binary transformer layers on a '
-                f'{model.patch_size}x{model.patch_size} full-precision patchify stem, with {transitions}, '
-                f'multi-branch pooling, affine transformations before the residual additions and global average '
-                f'pooling (supplementary Table 1).')
-    rows = {
-        (True, False, False): 'Table 3 row 1: the ReActNet recipe applied to DeiT-S, with a class token',
-        (False, False, False): 'Table 3 row 2: global average pooling instead of the class token',
-        (False, True, False): 'Table 3 row 3: global average pooling and multi-branch pooling',
-        (False, True, True): 'Table 3 row 4: global average pooling, multi-branch pooling and affine '
-                             'transformations before the main residual additions',
-    }
-    key = (bool(model.num_prefix_tokens), bool(model.multi_branch_pool), bool(model.affine))
-    row = rows.get(key, 'a custom combination of the Table 3 changes')
-    return (f'Fully-binary DeiT ({row}): a full-precision {model.patch_size}x{model.patch_size} patch stem, '
-            f'binary transformer layers and token BatchNorms in place of LayerNorm.')
-
-
-def _binary_sentence(model: nn.Module) -> str:
-    parts = 'queries, keys, values, the output projection and both FFN layers'
-    if model_family(model) == 'pyramid':
-        if any(r > 1 for r in model.sr_ratios):
-            parts = 'queries, keys, values, the key/value reduction, the output projection and both FFN layers'
-        if not model.fp_transitions:
-            parts += ', and the stage transitions'
-    return (f'Binary: every transformer linear layer ({parts}) and the attention products multiply signs; '
-            f'the stem, the classifier, the norms, RPReLUs, shifts, affines, pooling branches and position '
-            f'embeddings stay full precision.')
-
-
-def write_model_card(
-        model: nn.Module,
-        save_dir: Union[str, Path],
-        *,
-        source: Optional[str] = None,
-        repo_id: Optional[str] = None,
-        license: Optional[str] = None,
-        title: Optional[str] = None,
-        description: Optional[str] = None,
-) -> Path:
-    """Write ``README.md``: Hub metadata, the paper, the architecture, its configuration and the weights' source.
-
-    Args:
-        source: where the weights come from (default: says they were saved with timm_binaryvit and
-            have no stated provenance).
-        repo_id: the Hub repo, for the usage snippet (default: ``ORG/REPO``).
-        license: the card's license (default: the architecture's, ``apache-2.0``).
-    """
-    save_dir = Path(save_dir)
-    arch = architecture_name(model)
-    args = constructor_args(model)
-    cfg = getattr(model, 'pretrained_cfg', None) or _synthetic_pretrained_cfg(model, arch)
-    license = license or cfg.get('license') or 'apache-2.0'
-    num_params = sum(p.numel() for p in model.parameters())
-    height, width = model.img_size
-    source = source or ('not stated: saved with timm_binaryvit.hub.save_pretrained. No ImageNet weights have been '
-                        'published for these models; say here how they were trained.')
-    repo = repo_id or 'ORG/REPO'
-    name = title or (repo_id.split('/')[-1] if repo_id else arch)
-    config_rows = '\n'.join(f'| `{k}` | `{json.dumps(v)}` |' for k, v in args.items())
-    text = f"""---
-tags:
-- image-classification
-- timm
-- timm-binaryvit
-- binary-neural-network
-- vision-transformer
-library_name: timm
-license: {license}
-pipeline_tag: image-classification
----
-# {name}
-
-{description or _describe(model)}
-
-From **{PAPER_TITLE}**, {PAPER_AUTHORS}, {PAPER_VENUE}
-([arXiv:{PAPER_ARXIV}](https://arxiv.org/abs/{PAPER_ARXIV})). Implementation: the
-[timm-binaryvit](https://pypi.org/project/timm-binaryvit/) plugin for
-[timm](https://github.com/huggingface/pytorch-image-models).
-
-## Model details
-
-- **Architecture:** `{arch}` (`timm_binaryvit.{type(model).__name__}`)
-- **Parameters:** {num_params:,} ({num_params / 1e6:.2f} M)
-- **Classes:** {model.num_classes}
-- **Input:** {model.in_chans} x {height} x {width} (fixed size)
-- **Weights:** {source}
-
-{_binary_sentence(model)}
-
-### Configuration (`model_args` in `config.json`)
-
-| argument | value |
-|---|---|
-{config_rows}
-
-## Usage
-
-```python
-import timm
-import timm_binaryvit  # registers the models with timm (pip install timm-binaryvit)
-
-model = timm.create_model('hf-hub:{repo}', pretrained=True).eval()
-# or, from a downloaded folder: timm.create_model('local-dir:/path/to/folder', pretrained=True)
-data_config = timm.data.resolve_model_data_config(model)
-transform = timm.data.create_transform(**data_config, is_training=False)
-```
-
-`timm_binaryvit.hub.load_model('hf-hub:{repo}')` does the same and names the file at fault if loading fails.
-
-## Citation
-
-```bibtex
-@inproceedings{{le2023binaryvit,
-  title={{{PAPER_TITLE}}},
-  author={{Le, Phuoc-Hoan Charles and Li, Xinlin}},
-  booktitle={{Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR) Workshops}},
-  year={{2023}},
-  eprint={{{PAPER_ARXIV}}},
-  archivePrefix={{arXiv}}
-}}
-```
-"""
-    save_dir.mkdir(parents=True, exist_ok=True)
-    path = save_dir / 'README.md'
-    path.write_text(text, encoding='utf-8')
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,134 +442,3 @@ def load_model(name: str, pretrained: bool = True, cache_dir: Optional[Union[str
             raise LoadError(source, shown, f'does not hold weights for the {arch} described by {config_file}: '
                                            f'{e}') from e
         raise LoadError(source, shown, f'could not be loaded: {type(e).__name__}: {e}') from e
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints of the authors' training code
-
-
-def load_checkpoint_file(path: Union[str, Path], trust_pickle: bool = False) -> Dict[str, Any]:
-    """The state dict in a checkpoint file: ``.safetensors``, or a ``torch.save`` file (``.pth``,
-    ``.pt``, ``.bin``, ``.pth.tar``) holding a state dict, possibly wrapped (``{'model': state_dict, ...}``,
-    as the authors' training script saves it, with a ``module.`` prefix from DistributedDataParallel).
-
-    ``torch.save`` files are read with ``weights_only=True``; the ``argparse.Namespace`` the authors'
-    script stores beside the weights is allowed. ``trust_pickle=True`` reads arbitrary pickles
-    (only for files you trust).
-    """
-    from .convert import unwrap_state_dict
-
-    path = Path(path)
-    if not path.is_file():
-        raise LoadError(str(path), None, 'no such file')
-    try:
-        if path.suffix == '.safetensors':
-            from safetensors.torch import load_file
-
-            checkpoint = load_file(str(path))
-        elif trust_pickle:
-            checkpoint = torch.load(str(path), map_location='cpu', weights_only=False)
-        else:
-            import argparse
-            import pathlib
-
-            with torch.serialization.safe_globals([argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath]):
-                checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        hint = ''
-        if 'weights_only' in str(e) or 'Unsupported global' in str(e):
-            hint = (' (it pickles objects besides tensors; if you trust the file, '
-                    'use trust_pickle=True / --trust-pickle)')
-        raise LoadError(str(path), None, f'cannot be read as a checkpoint: {type(e).__name__}: {e}{hint}') from e
-    try:
-        state_dict = unwrap_state_dict(checkpoint)
-    except ValueError as e:
-        raise LoadError(str(path), None, str(e)) from e
-    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-
-
-def _infer_num_classes(state_dict: Mapping[str, Any]) -> Optional[int]:
-    for key in ('classifier.weight', 'head.weight'):
-        value = state_dict.get(key)
-        if isinstance(value, torch.Tensor) and value.ndim == 2:
-            return int(value.shape[0])
-    if not any(k.startswith(('classifier.', 'head.')) for k in state_dict):
-        return 0
-    return None
-
-
-def convert_checkpoint(
-        checkpoint: Union[str, Path],
-        model_name: str,
-        out_dir: Union[str, Path],
-        *,
-        num_classes: Optional[int] = None,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        source: Optional[str] = None,
-        repo_id: Optional[str] = None,
-        license: Optional[str] = None,
-        trust_pickle: bool = False,
-        verify: bool = True,
-) -> nn.Module:
-    """Turn a checkpoint trained with the authors' code (or saved from ours) into a Hub repo folder.
-
-    Args:
-        checkpoint: ``.pth`` / ``.safetensors`` file (see :func:`load_checkpoint_file`).
-        model_name: a registered name or the authors' variant name (``reactdeit_avgpool_mb_ls``, ``binaryvit`` ...).
-        out_dir: the repo folder to write (``config.json``, ``model.safetensors``, ``README.md``).
-        num_classes: classes of the head (default: read from the checkpoint's classifier).
-        model_kwargs: the configuration the checkpoint was trained with, if not the registered
-            one (``embed_dims``, ``depths``, ``num_heads``, ``mlp_ratios``, ``sr_ratios``, ``img_size``,
-            ``depth`` ...).
-        source: the weights' provenance for the model card (default: the checkpoint file name).
-        repo_id, license: for the model card.
-        trust_pickle: read a ``torch.save`` file with arbitrary pickles.
-        verify: reload the folder and check it gives the converted model's logits.
-
-    Returns:
-        the converted model (eval mode).
-    """
-    from .convert import checkpoint_filter_fn
-
-    name = resolve_model_name(model_name)
-    checkpoint = Path(checkpoint)
-    state_dict = load_checkpoint_file(checkpoint, trust_pickle=trust_pickle)
-    if num_classes is None:
-        num_classes = _infer_num_classes(state_dict)
-    kwargs = dict(model_kwargs or {})
-    if num_classes is not None:
-        kwargs['num_classes'] = num_classes
-    try:
-        model = timm.create_model(name, **kwargs)
-    except Exception as e:  # noqa: BLE001
-        raise ValueError(f'cannot build {name} with {kwargs}: {type(e).__name__}: {e}') from e
-    try:
-        converted = checkpoint_filter_fn(state_dict, model)
-        model.load_state_dict(converted, strict=True)
-    except (ValueError, RuntimeError) as e:
-        raise LoadError(str(checkpoint), None, f'does not fit {name} with {kwargs or "its default configuration"}: '
-                                               f'{e}. Give the configuration it was trained with '
-                                               f'(model kwargs such as embed_dims / depths / depth).') from e
-    model.eval()
-    if source is None:
-        source = (f'converted with `timm-binaryvit convert` from `{checkpoint.name}`, a checkpoint in the layout of '
-                  f"the authors' BinaryViT training code" if any(k.startswith('vit.') for k in state_dict)
-                  else f'converted with `timm-binaryvit convert` from `{checkpoint.name}`')
-    card = dict(source=source, repo_id=repo_id, license=license)
-    save_pretrained(model, out_dir, model_card=card)
-    if verify:
-        _verify_folder(model, out_dir)
-    return model
-
-
-def _verify_folder(model: nn.Module, folder: Union[str, Path]) -> None:
-    loaded = load_model(f'local-dir:{folder}', pretrained=True).eval()
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, model.in_chans, *model.img_size, generator=generator)
-    with torch.no_grad():
-        expected, got = model(x), loaded(x)
-    if not torch.equal(expected, got):
-        err = (got - expected).abs().max().item()
-        raise RuntimeError(f'{folder} does not reload to the converted model (max logit difference {err:g})')
-    if not math.isfinite(expected.abs().sum().item()):
-        raise RuntimeError('the converted model gives non-finite logits; the checkpoint may be damaged')

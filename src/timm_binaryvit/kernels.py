@@ -44,8 +44,10 @@ MODES = ('auto', 'float', 'int8', 'bf16', 'packed')
 MEASURE_ROWS = 1024
 #: A candidate other than float32 is taken only if it is at least this much faster (noise margin).
 MARGIN = 0.95
-#: A candidate whose first timed run is this many times slower than float32 is not timed again.
+#: A candidate with a timed run this many times slower than float32's best is not timed again.
 GIVE_UP = 3.0
+#: timed runs of each candidate (the fastest counts), after one warm-up
+TIMED_RUNS = 5
 
 # Flags that decide which kernels can be fast (Linux /proc/cpuinfo names).
 _FLAGS = ('avx2', 'fma', 'popcnt', 'avx512f', 'avx512bw', 'avx512vl', 'avx512_vnni', 'avx_vnni',
@@ -179,8 +181,9 @@ def _decide(product: str, key: tuple, dtype: torch.dtype, device: torch.device) 
         return Choice(product, shape, dtype_name, cached, f'measured earlier ({os.environ.get(ENV_CACHE)})')
     times: Dict[str, float] = {}
     skipped: Dict[str, str] = {}
+    runs: Dict[str, Callable[[], object]] = {}
     with torch.no_grad():
-        times['float'] = _time(candidates['float'].make(shape, dtype, device), limit=math.inf)
+        runs['float'] = candidates['float'].make(shape, dtype, device)  # first: the others are held to it
         for kind, candidate in candidates.items():
             if kind == 'float':
                 continue
@@ -189,9 +192,10 @@ def _decide(product: str, key: tuple, dtype: torch.dtype, device: torch.device) 
                 skipped[kind] = why
                 continue
             try:
-                times[kind] = _time(candidate.make(shape, dtype, device), limit=GIVE_UP * times['float'])
+                runs[kind] = candidate.make(shape, dtype, device)
             except (RuntimeError, NotImplementedError) as e:  # a kernel that rejects this shape or dtype
                 skipped[kind] = f'failed: {str(e).splitlines()[0][:80]}'
+        times.update(_time_interleaved(runs, skipped))
     best = min(times, key=times.get)
     if best != 'float' and times[best] > MARGIN * times['float']:
         best = 'float'
@@ -203,18 +207,32 @@ def _decide(product: str, key: tuple, dtype: torch.dtype, device: torch.device) 
     return Choice(product, shape, dtype_name, best, reason, times)
 
 
-def _time(fn: Callable[[], object], limit: float) -> float:
-    # The fastest of up to three timed runs after a warm-up (on a shared machine the slower runs measure
-    # the neighbours, in whole scheduler slices); one run if the first is already over ``limit``.
-    fn()
-    runs = []
-    for _ in range(3):
-        start = timer()
-        fn()
-        runs.append(timer() - start)
-        if runs[-1] > limit:
-            break
-    return min(runs)
+def _time_interleaved(runs: Dict[str, Callable[[], object]], failed: Dict[str, str]) -> Dict[str, float]:
+    """The fastest of up to :data:`TIMED_RUNS` timed runs of each candidate, after one warm-up each.
+
+    The candidates take turns, run by run: on a shared machine a slow run measures the neighbours (in whole
+    scheduler slices), and a burst of their load then falls on every candidate alike instead of on whichever
+    was being timed. A candidate whose run takes over :data:`GIVE_UP` times float32's best so far is timed no
+    more (on some CPUs int8 is 40x slower, and that is decided by one run). One that raises is dropped."""
+    best: Dict[str, float] = {}
+    active = []
+    for kind, fn in runs.items():
+        try:
+            fn()
+        except (RuntimeError, NotImplementedError) as e:
+            if kind == 'float':
+                raise
+            failed[kind] = f'failed: {str(e).splitlines()[0][:80]}'
+            continue
+        active.append(kind)
+    for _ in range(TIMED_RUNS):
+        for kind in list(active):
+            start = timer()
+            runs[kind]()
+            best[kind] = min(best.get(kind, math.inf), timer() - start)
+            if kind != 'float' and best[kind] > GIVE_UP * best['float']:
+                active.remove(kind)
+    return best
 
 
 def _disk_key(key: tuple) -> str:

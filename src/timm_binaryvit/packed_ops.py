@@ -54,9 +54,10 @@ _isa_override: Optional[str] = None
 
 def _build_name() -> str:
     # torch rebuilds when a listed source changes, not when the shared header does: name the build
-    # after the content of every file instead, so that no stale build is ever loaded
+    # after the content of every file instead, so that no stale build is ever loaded; and after the
+    # folder, since the build records its paths (two checkouts would otherwise rebuild it in turn)
     import hashlib
-    digest = hashlib.sha1()
+    digest = hashlib.sha1(os.path.abspath(_CSRC).encode())
     for name in sorted(os.listdir(_CSRC)):
         if name.endswith(('.cpp', '.h')):
             with open(os.path.join(_CSRC, name), 'rb') as f:

@@ -9,7 +9,7 @@ raises an ``ImportError`` that says so.
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
-from .profile import BOPS_PER_OP, ProfileResult
+from .profile_result import BOPS_PER_OP, ProfileResult
 
 __all__ = ['INSTALL_HINT', 'require_matplotlib', 'stage_of', 'plot_profile']
 

@@ -5,7 +5,8 @@ Like Larq's quantizers, each binariser is one named thing. For each there are th
 
 * ``*_factors`` / the forward value: what the model multiplies by;
 * ``*_backward``: the pseudo-gradient, called by every custom autograd function of
-  :mod:`timm_binaryvit.layers` and :mod:`timm_binaryvit.blocks` (they never re-derive it);
+  :mod:`timm_binaryvit.layers`, :mod:`timm_binaryvit.batchnorm` and :mod:`timm_binaryvit.fused` (they
+  never re-derive it);
 * the straight-through estimator (``approx_sign``, ``centred_sign_weight``, ``scaled_sign_weight``,
   ``elastic_binarize_ste``): stock operators only, so plain autograd, TorchScript, ``torch.compile``,
   autocast and ONNX export all understand it. Its forward value is bit-exact the binarised value

@@ -7,7 +7,8 @@ from torch import nn
 
 from ..binary_deit import BinaryDeiT
 from ..binaryvit import BinaryDownsample, BinaryViT, FullPrecisionDownsample
-from ..blocks import check_image_input, tokens_to_grid
+from ..layers import tokens_to_grid
+from ..model_api import check_image_input
 from .block import DeployedBlock
 from .folding import FoldedDownsample, FoldedFPDownsample, FoldedHead, bn_affine, f64
 from .runtime import FoldedPatchConv, Workspace, patches
