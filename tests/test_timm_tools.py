@@ -89,3 +89,23 @@ def test_input_size_error_says_what_to_change():
     assert '--input-size 3 32 32' in message and 'img_size=(64, 64)' in message
     with pytest.raises(ValueError, match='in_chans=3'):
         model(torch.randn(1, 1, 32, 32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('dynamic', [False, True])
+@pytest.mark.parametrize('name', MODELS)
+def test_compiled_model_trains_and_evaluates_like_eager(name, dynamic):
+    # aot_eager captures the graph and its backward through AOTAutograd (the same operators, so the same
+    # numbers); a second batch size exercises the dynamic shapes.
+    model = _perturb(tiny(name))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend='aot_eager', dynamic=dynamic)
+    for train, batch in ((True, 3), (False, 2), (True, 4)):
+        model.train(train)
+        x = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        eager_out, eager = _grads(model, x)
+        out, got = _grads(compiled, x)
+        got = {n.removeprefix('_orig_mod.'): g for n, g in got.items()}
+        torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+        assert got.keys() == eager.keys() and _relative(got, eager) < 1e-4
+
