@@ -13,6 +13,16 @@ from .runtime import Folded, FoldedPReLU, Workspace, attention_context
 __all__ = ['DeployedBlock']
 
 
+def _add_branch(x: torch.Tensor, branch: torch.Tensor, scaled: bool, alpha: torch.Tensor,
+                bias: torch.Tensor) -> None:
+    """``x += alpha * branch + bias`` in place (``alpha`` only where the block has its affine)."""
+    if scaled:
+        x.addcmul_(branch, alpha)
+    else:
+        x.add_(branch)
+    x.add_(bias)
+
+
 class DeployedBlock(Folded):
     """One binary transformer layer with every BatchNorm, shift and scale folded.
 
@@ -182,11 +192,7 @@ class DeployedBlock(Folded):
             xc = x2[r0:r1]
             yo = self.proj.run(acc[r0:r1], acc[r0:r1], ws('yo', n, C), ws, overwrite_input=True)
             self.act_proj.apply_(yo, tmp)
-            if self.affine1:
-                xc.addcmul_(yo, self.affine1_alpha)
-            else:
-                xc.add_(yo)
-            xc.add_(self.residual1)
+            _add_branch(xc, yo, self.affine1, self.affine1_alpha, self.residual1)
             w = torch.addcmul(self.norm2_shift, xc, self.norm2_scale,
                               out=wfull[r0:r1] if wfull is not None else ws('u', n, C))
             hidden = self.fc1.run(w, w.view(n, 1, C), ws('hidden', n, E * C), ws)  # shortcut [w, w, ..., w]
@@ -195,11 +201,7 @@ class DeployedBlock(Folded):
             pooled = torch.mm(hidden.view(n * C, E), self.group_mean.view(E, 1), out=ws('pool', n * C, 1))
             y2 = self.fc2.run(hidden, pooled.view(n, C), ws('y2', n, C), ws, overwrite_input=True)
             self.act2.apply_(y2, tmp)
-            if self.affine2:
-                xc.addcmul_(y2, self.affine2_alpha)
-            else:
-                xc.add_(y2)
-            xc.add_(self.residual2)
+            _add_branch(xc, y2, self.affine2, self.affine2_alpha, self.residual2)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int], ws: Workspace) -> torch.Tensor:
         B, N, C = x.shape
