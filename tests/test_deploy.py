@@ -17,6 +17,7 @@ import timm
 from timm_binaryvit import kernels
 from timm_binaryvit.deploy import (
     DeployedBinaryDeiT, DeployedBinaryViT, deploy, export_packed, is_deployed, load_packed)
+from timm_binaryvit.folded_eval import unfolded
 from timm_binaryvit.layers import ElasticBinarizer
 
 from conftest import slow_except
@@ -80,7 +81,7 @@ def test_deployed_logits_equal_training_model(name, slopes, mode):
 def test_deployed_variants(name, extra):
     model = make(name, **extra)
     x = images(model)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
     out = deploy(model)(x)
     assert out.shape == ref.shape
@@ -92,7 +93,7 @@ def test_attention_over_256_keys(mode):
     # more than 256 keys: 0/1 x sign sums may leave bfloat16's exact integers, so bf16 is not offered
     model = make('binary_deit_small_gap_patch16_224', img_size=272)  # 17 x 17 = 289 tokens
     x = images(model)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
     with kernels.kernel_mode(mode):
         assert rel(deploy(model)(x), ref) < RTOL
@@ -103,12 +104,12 @@ def test_attention_over_256_keys(mode):
 def test_deployed_float32_close_and_non_positive_binariser_scale(mode):
     model = make('binary_deit_small_gap_mb_affine_patch16_224', dtype=torch.float32)
     x = images(model, dtype=torch.float32)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
     assert rel(deploy(model)(x), ref) < 1e-3  # float32: rounding may flip a rare sign
     # s <= 0 binarises every probability to 0
     model = make('binaryvit_small_patch4_224')
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         model.stages[0].blocks[0].attn.prob_binarizer.scale.fill_(-0.01)
         model.stages[2].blocks[0].attn.prob_binarizer.scale.fill_(0.)
         x = images(model)
@@ -161,7 +162,7 @@ def test_deployed_api_for_timm_tooling():
     d64 = deploy(model)
     d64(images(model, dtype=torch.float32))
     d64 = d64.double()
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         assert rel(d64(images(model)), model.double()(images(model))) < 1e-5
 
 
@@ -169,7 +170,7 @@ def test_deployed_api_for_timm_tooling():
 @pytest.mark.parametrize('tag', TAGS)
 def test_reference_checkpoints_deploy_and_pack(tag, tmp_path, mode):
     model, x, expected = reference_model(tag)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
     assert rel(ref, expected) < RTOL
     deployed = deploy(model)
@@ -178,6 +179,6 @@ def test_reference_checkpoints_deploy_and_pack(tag, tmp_path, mode):
     # the packed file of the checkpoint reproduces the same logits, as a training and a deployed model
     path = tmp_path / f'{tag}.packed.safetensors'
     export_packed(model, str(path))
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         assert torch.equal(load_packed(str(path)).eval()(x), ref)
     assert rel(load_packed(str(path), deployed=True)(x), expected) < RTOL

@@ -11,7 +11,8 @@ import torch
 from timm_binaryvit import kernels, packed_ops
 from timm_binaryvit.deploy import deploy, export_packed, load_packed
 from timm_binaryvit.deploy.runtime import (
-    ATTENTION, LINEAR, FoldedBinaryLinear, SignBits, Workspace, attention_context)
+    ATTENTION, LINEAR, FoldedBinaryLinear, FoldedPReLU, SignBits, Workspace, attention_context)
+from timm_binaryvit.folded_eval import unfolded
 from timm_binaryvit.layers import BinaryConv2d, BinaryLinear
 
 from kernel_helpers import fake_clock, fresh_choices  # noqa: F401  (fresh_choices: autouse)
@@ -52,6 +53,32 @@ def test_linear_kinds_agree_on_odd_shapes(M, K, N, dtype):
         assert rel(out.double(), want) < (1e-12 if dtype == torch.float64 else 1e-5), kind
 
 
+@pytest.mark.parametrize('M,K,N,C', [(1, 1, 1, 1), (7, 65, 9, 3), (33, 130, 48, 8), (33, 130, 48, 16),
+                                     (64, 384, 40, 40)])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('slopes', ['below_one', 'any'])
+def test_prelu_epilogue_equals_separate_prelu(M, K, N, C, dtype, slopes):
+    # run_act puts the shortcut (repeated N / C times along the columns when C < N) and the PReLU into
+    # the packed kernel's epilogue (slopes <= 1); any other kind, or a slope above 1, adds and applies
+    # them around the product: every way gives the same values
+    g = torch.Generator().manual_seed(M + K + N)
+    layer = FoldedBinaryLinear(SignBits.from_signs(_ternary((N, K), g)), torch.rand(N, generator=g) + 0.5,
+                               torch.randn(N, generator=g), torch.randn(K, generator=g), dtype)
+    slope = torch.rand(N, generator=g, dtype=torch.float64) * (0.9 if slopes == 'below_one' else 2.0) - 0.2
+    act = FoldedPReLU(slope, torch.randn(N, generator=g, dtype=torch.float64), dtype)
+    assert act.general == (slopes == 'any')
+    x = torch.randn(M, K, generator=g).to(dtype)
+    shortcut = torch.randn(M, N, generator=g).to(dtype) if C == N else torch.randn(M, 1, C, generator=g).to(dtype)
+    want = act.apply_(layer.run(x, shortcut, torch.empty(M, N, dtype=dtype), Workspace(x), kind='float'),
+                      torch.empty(M, N, dtype=dtype)).double()
+    for kind in KINDS[LINEAR]:
+        if not _runnable(kind, dtype):
+            continue
+        out = layer.run_act(x, shortcut, torch.empty(M, N, dtype=dtype), Workspace(x), act,
+                            torch.empty(M, N, dtype=dtype), kind=kind)
+        assert rel(out.double(), want) < (1e-12 if dtype == torch.float64 else 1e-5), kind
+
+
 @pytest.mark.parametrize('g,N,h,d,Nk', [(1, 1, 1, 1, 1), (2, 5, 3, 7, 9), (1, 17, 2, 64, 65), (3, 30, 1, 16, 300)])
 def test_attention_kinds_agree_on_odd_shapes(g, N, h, d, Nk):
     gen = torch.Generator().manual_seed(N * 100 + Nk)
@@ -82,7 +109,7 @@ def test_machine_where_int8_bf16_and_packed_are_slow_runs_float(monkeypatch, nam
     fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.040, 'bf16': 0.030, 'packed': 0.020}, KINDS)
     model = make(name)
     x = images(model)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
     assert rel(deploy(model)(x), ref) < RTOL
     made = _deployed_choices()
@@ -96,7 +123,7 @@ def test_machine_where_int8_and_bf16_are_fast_uses_them(monkeypatch):
     fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.002, 'bf16': 0.002, 'packed': 0.020}, KINDS)
     model = make('binary_deit_small_gap_mb_affine_patch16_224')
     x = images(model)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
     assert rel(deploy(model)(x), ref) < RTOL
     kinds = {(c.product, c.kind) for c in _deployed_choices()}
@@ -108,7 +135,7 @@ def test_packed_unavailable_falls_back_to_float(monkeypatch):
     monkeypatch.setattr(packed_ops, 'unavailable_reason', lambda: 'no compiler (simulated)')
     model = make('binaryvit_small_patch4_224')
     x = images(model)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
     with kernels.kernel_mode('packed'):
         assert rel(deploy(model)(x), ref) < RTOL
@@ -128,7 +155,7 @@ def test_deployed_from_file_never_materialises_float_binary_weights(tmp_path, mo
     path = tmp_path / 'm.packed'
     export_packed(model, str(path))
     x = images(model)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
 
     def refuse(self):
@@ -160,7 +187,7 @@ def test_tracing_a_deployed_model_is_refused():
         warnings.simplefilter('ignore')
         with pytest.raises(RuntimeError, match='cannot be traced, exported or compiled'):
             torch.jit.trace(deployed, x, check_trace=False)
-    with torch.no_grad():  # and it still runs eagerly afterwards
+    with torch.no_grad(), unfolded():  # and it still runs eagerly afterwards
         assert rel(deployed(x), model(x)) < RTOL
 
 

@@ -18,6 +18,7 @@ from timm_binaryvit.deploy import (
     read_packed_metadata)
 from timm_binaryvit.deploy.packed import _latent_weight
 from timm_binaryvit.deploy.runtime import SignBits, pack_bits, unpack_bits
+from timm_binaryvit.folded_eval import unfolded
 
 from deploy_helpers import MODES, binary_effective, images, make, one_thread, rel  # noqa: F401
 
@@ -59,7 +60,7 @@ def test_deployed_from_file_matches_training_model_in_every_mode(mode, tmp_path)
     model = make('binaryvit_small_patch4_224', slopes='any')
     export_packed(model, str(tmp_path / 'm.packed'))
     x = images(model)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
     with kernels.kernel_mode(mode):
         assert rel(load_packed(str(tmp_path / 'm.packed'), deployed=True)(x), ref) < 1e-6
@@ -101,7 +102,7 @@ def test_exact_zeros_round_trip(tmp_path, mode):
     for key, value in binary_effective(loaded).items():
         assert torch.equal(value, effective[key]), key
     x = images(model)
-    with torch.no_grad():
+    with torch.no_grad(), unfolded():
         ref = model(x)
         assert torch.equal(loaded(x), ref)
     with kernels.kernel_mode(mode):

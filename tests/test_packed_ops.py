@@ -78,6 +78,26 @@ def test_epilogue_scale_bias_out(ext, isa, dtype):
         packed_ops.sign_gemm(pa, pb, scale, None, out=buf[:, 2:2 + N])
         torch.testing.assert_close(buf[:, 2:2 + N].double(), acc * scale.double(), rtol=1e-6, atol=1e-5)
         assert bool((buf[:, :2] == 7).all()) and bool((buf[:, 2 + N:] == 7).all())
+        # the PReLU epilogue: max(y, slope * y + offset) per column, on full and partial column blocks
+        slope, offset = torch.rand(N, dtype=dtype) - 0.2, torch.randn(N, dtype=dtype)
+        y = acc * scale.double() + bias_mn.double()
+        got = packed_ops.sign_gemm(pa, pb, scale, bias_mn, prelu=(slope, offset))
+        torch.testing.assert_close(got.double(), torch.maximum(y, slope.double() * y + offset.double()),
+                                   rtol=1e-6, atol=1e-5)
+        assert bool((got.double() > y + 1e-3).any())  # the PReLU changed something
+        # a shortcut added in the epilogue: full width, and repeated along the columns (runs of 8)
+        b24 = ternary(24, K, True, 5)
+        acc24 = a @ b24.t()
+        pb24 = packed_ops.pack_signs(b24)
+        for P in (24, 8):
+            rows = torch.randn(M, P, dtype=dtype)
+            got = packed_ops.sign_gemm(pa, pb24, scale[:24], bias_n[:24], shortcut=rows)
+            want = acc24 * scale[:24].double() + bias_n[:24].double() + rows.double().repeat(1, 24 // P)
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match='float result'):
+        packed_ops.sign_gemm(pa, pb, prelu=(slope, offset))
+    with pytest.raises(ValueError, match='multiple of 8'):
+        packed_ops.sign_gemm(pa, pb24, scale[:24], shortcut=torch.zeros(M, 6, dtype=dtype))
 
 
 @pytest.mark.parametrize('isa', packed_ops.ISAS)  # each path the CPU runs

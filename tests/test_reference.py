@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import timm
 from timm_binaryvit import checkpoint_filter_fn, convert_authors_state_dict
+from timm_binaryvit.folded_eval import unfolded
 
 from conftest import (AUTHORS_VARIANTS, QUICK_REFERENCE_TAGS, REFERENCE_DIR, reference_model_kwargs,
                       require_reference, slow_except)
@@ -43,9 +44,12 @@ def test_eval_logits(tag):
     model, reference = _build(tag)
     io = load_file(reference / f'{tag}.io.safetensors')
     with torch.no_grad():
-        logits = model.eval()(io['input'].double())
+        logits = model.eval()(io['input'].double())  # the layers' folded twins (timm_binaryvit.folded_eval)
+        with unfolded():
+            module_logits = model(io['input'].double())
     assert logits.dtype == torch.float64
     assert _rel(logits, io['logits']) < RTOL
+    assert _rel(module_logits, io['logits']) < RTOL
 
 
 @pytest.mark.parametrize('tag', TAGS)

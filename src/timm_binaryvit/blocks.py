@@ -9,7 +9,8 @@ The modules here: the binary unit ``U(x, r) = BN(BinaryLinear(x + b)) + r``, the
 the paper's multi-branch average pooling, the layer that joins them, the full-precision patch stem
 and activation checkpointing of a layer. Every module with more than one part has two forward paths
 that compute the same values, the module-by-module path and a fused one; :mod:`timm_binaryvit.fused`
-says when the fused path runs and holds its autograd functions.
+says when the fused path runs and holds its autograd functions. In eval mode the layer runs as its
+folded inference twin where :mod:`timm_binaryvit.folded_eval` allows it.
 """
 import contextlib
 import math
@@ -23,6 +24,7 @@ from timm.layers import DropPath
 
 from .batchnorm import TokenBatchNorm, frozen_batchnorm_stats, norm_add_rprelu
 from .dispatch import sign_product
+from .folded_eval import foldable, folded_twin, forget_twin
 from .fused import FusedPath, binary_attention_product, binary_ffn, pool_branches
 from .layers import (
     Affine, BinaryActivation, BinaryLinear, ElasticBinarizer, RPReLU, binary_linear, grid_to_tokens, tokens_to_grid)
@@ -310,7 +312,33 @@ class Block(FusedPath):
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
         if self.use_fused(x):
             return self.forward_fused(x, feat_size)
+        if self.use_folded(x):
+            return self.forward_folded(x, feat_size)
         return self.forward_modules(x, feat_size)
+
+    def use_folded(self, x: torch.Tensor) -> bool:
+        if torch.jit.is_scripting():
+            return False
+        return self._folded_allowed(x)
+
+    @torch.jit.unused
+    def _folded_allowed(self, x: torch.Tensor) -> bool:
+        return self.fused_structure() and foldable(x, self)
+
+    @torch.jit.unused
+    def forward_folded(self, x: torch.Tensor, feat_size: Tuple[int, int]) -> torch.Tensor:
+        """Eval mode without gradients: the layer's deployed twin (:mod:`timm_binaryvit.folded_eval`)."""
+        # deploy builds on this module, so it is imported when first needed
+        from .deploy.block import DeployedBlock
+        from .deploy.runtime import Workspace
+        twin = folded_twin(self, x, lambda: DeployedBlock(self, x.dtype, x.device))
+        out = x.clone(memory_format=torch.contiguous_format)  # the twin works in place; x may be kept by the caller
+        return twin(out, feat_size, Workspace(out))
+
+    def train(self, mode: bool = True):
+        if mode:
+            forget_twin(self)
+        return super().train(mode)
 
     @torch.jit.unused
     def fused_structure(self) -> bool:

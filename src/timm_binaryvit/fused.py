@@ -3,7 +3,8 @@
 Every module of :mod:`timm_binaryvit.blocks` (attention, FFN, pooling branches, the layer) is a
 :class:`FusedPath` with two forward paths that compute the same values. The module-by-module path
 calls each submodule in turn; it is what TorchScript compiles, and it runs whenever a submodule
-carries hooks, a token BatchNorm was converted to ``SyncBatchNorm``, in eval mode, under autocast, FX
+carries hooks, a token BatchNorm was converted to ``SyncBatchNorm``, in eval mode (where
+:mod:`timm_binaryvit.folded_eval` may stand in instead), under autocast, FX
 or TorchScript tracing, a TorchDispatchMode, or for dtypes other than float32 / float64 (see
 :func:`fusable`). Otherwise a fused path runs a few custom autograd functions instead, which keep far
 fewer tensors for the backward pass and make far fewer passes over memory:
@@ -45,7 +46,7 @@ from .quantizers import approx_sign_backward_, centred_sign_backward, centred_si
 if TYPE_CHECKING:
     from .blocks import BinaryMlp, MultiBranchPool
 
-__all__ = ['fusable', 'FusedPath', 'binary_attention_product', 'binary_ffn', 'pool_branches']
+__all__ = ['fusable', 'plain_modules', 'FusedPath', 'binary_attention_product', 'binary_ffn', 'pool_branches']
 
 
 # ---------------------------------------------------------------------------------------------
@@ -67,15 +68,22 @@ def fusable(x, *modules: nn.Module) -> bool:
     """Whether a fused autograd path may stand in for the forward calls of ``modules`` (and all their
     submodules) on input ``x``.
 
-    True in training mode where :func:`~timm_binaryvit.dispatch.use_custom_autograd` holds, outside FX tracing and any
-    TorchDispatchMode, when no module involved carries hooks and every token BatchNorm still holds a
-    plain ``nn.BatchNorm1d``. Otherwise the modules run one by one (same values), so hooks fire,
-    ``SyncBatchNorm`` synchronises and op-level profilers see every module; in eval mode, so eager,
-    FX-traced and scripted models round identically.
+    True in training mode where :func:`plain_modules` holds. Otherwise the modules run one by one
+    (same values), so hooks fire, ``SyncBatchNorm`` synchronises and op-level profilers see every
+    module; eval mode has its own stand-in (:mod:`timm_binaryvit.folded_eval`).
+    """
+    return all(m.training for m in modules) and plain_modules(x, *modules)
+
+
+def plain_modules(x, *modules: nn.Module) -> bool:
+    """Whether ``modules`` run on ``x`` as nothing but their own arithmetic, so that one function may
+    compute them all at once: :func:`~timm_binaryvit.dispatch.use_custom_autograd` holds (eager
+    float32 / float64, no autocast, no tracing or compiling), no TorchDispatchMode is active, no
+    module involved carries hooks and every token BatchNorm still holds a plain ``nn.BatchNorm1d``.
     """
     if not isinstance(x, torch.Tensor) or not _custom_autograd_allowed(x):
         return False
-    if not all(m.training for m in modules) or kernels.dispatch_mode_active() or _global_hooks():
+    if kernels.dispatch_mode_active() or _global_hooks():
         return False
     for module in modules:
         for m in module.modules():

@@ -334,9 +334,9 @@ def _check_pair(a: PackedSigns, b: PackedSigns):
         raise ValueError(f'a has {a.cols} columns and b {b.cols}: the packed (inner) dims must agree')
 
 
-def _run(ext, a: PackedSigns, b: PackedSigns, out3: torch.Tensor, scale, bias3):
+def _run(ext, a: PackedSigns, b: PackedSigns, out3: torch.Tensor, scale, bias3, shortcut=None, prelu=(None, None)):
     ext.sign_gemm(a.neg, a.nz, a.counts, a.has_zeros, b.neg, b.nz, b.counts, b.has_zeros, a.cols,
-                  out3, scale, bias3, _isa_code())
+                  out3, scale, bias3, shortcut, prelu[0], prelu[1], _isa_code())
 
 
 def _out_dtype(scale, bias) -> Optional[torch.dtype]:
@@ -361,12 +361,20 @@ def _make_out(out: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
 
 
 def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = None,
-              bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+              bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+              prelu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+              shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a @ b^T`` for packed ``a (M, K)`` and ``b (N, K)``, exact.
 
-    Without ``scale`` and ``bias`` the result is int32; with either, ``acc * scale + bias`` in their
+    Without ``scale`` and ``bias`` the result is int32; with either, ``y = acc * scale + bias`` in their
     dtype (float32 or float64) computed in the kernel's epilogue. ``scale``: ``(N,)``; ``bias``:
     ``(N,)`` or ``(M, N)``; ``out``: optional ``(M, N)`` result tensor (any row stride).
+    ``shortcut``: ``(M, P)`` added to ``y``, repeated along the columns when ``P < N`` (column ``j``
+    reads ``shortcut[:, j % P]``; ``P`` divides ``N`` and is a multiple of 8), e.g. a binary FFN's
+    ``[w, w, ..., w]``. ``out`` may be ``shortcut`` itself when ``P == N``.
+    ``prelu = (slope, offset)``, both ``(N,)``: the epilogue then writes ``max(y, slope * y + offset)``
+    (a PReLU whose input and output carry a constant ``c``, with ``offset = c (1 - slope)``, exact for
+    slopes <= 1; :class:`~timm_binaryvit.deploy.runtime.FoldedPReLU`).
     """
     ext = _ext_or_raise()
     _check_pair(a, b)
@@ -388,7 +396,23 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
         if bias.dim() == 2 and bias.shape[1] > 1 and bias.stride(1) != 1:
             bias = bias.contiguous()
         bias3 = bias.expand(M, N).unsqueeze(0)
-    _run(ext, a, b, result.unsqueeze(0), scale_t, bias3)
+    if shortcut is not None:
+        if dtype is None:
+            raise ValueError('a shortcut needs a float result: give scale or bias')
+        P = shortcut.shape[-1] if shortcut.dim() == 2 else 0
+        if shortcut.dim() != 2 or shortcut.shape[0] != M or P == 0 or N % P or (P % 8 and P != N):
+            raise ValueError(f'shortcut must be ({M}, P) with P == {N} or a multiple of 8 dividing {N}, '
+                             f'got {tuple(shortcut.shape)}')
+        shortcut = shortcut.to(dtype)
+        if P > 1 and shortcut.stride(1) != 1:
+            shortcut = shortcut.contiguous()
+    if prelu is not None:
+        if dtype is None:
+            raise ValueError('the PReLU epilogue needs a float result: give scale or bias')
+        prelu = tuple(t.to(dtype).reshape(-1).contiguous() for t in prelu)
+        if any(t.numel() != N for t in prelu):
+            raise ValueError(f'PReLU slope and offset must have {N} values (one per output column)')
+    _run(ext, a, b, result.unsqueeze(0), scale_t, bias3, shortcut, prelu or (None, None))
     return result
 
 

@@ -41,7 +41,20 @@ struct Block {
   const void* scale;      // at the block's first column
   const void* bias;       // at the block's origin, column stride 1
   int64_t ldb;            // bias row stride (0: one row for all)
+  const void* slope;      // PReLU epilogue at the block's first column (null: none): y -> max(y, slope y + offset)
+  const void* offset;
+  const void* shortcut;   // added to y before the PReLU (null: none): row origin of the block, column
+  int64_t lds;            //   (col0 + j) % period, so a (M, period) shortcut repeats along the columns
+  int64_t period;
+  int64_t col0;           // the block's first output column
 };
+
+// The shortcut of output column col of the block's row r (period is a multiple of 8 or N, so an
+// aligned run of 8 columns never wraps).
+template <typename OutT>
+AI const OutT* shortcut_at(const Block& b, int r, int64_t col) {
+  return static_cast<const OutT*>(b.shortcut) + r * b.lds + col % b.period;
+}
 
 // ---- epilogue: int32 tile -> output (int32, or acc * scale + bias in float / double)
 template <typename OutT>
@@ -58,6 +71,13 @@ AI void epilogue(const int32_t* __restrict__ tile, const Block& b) {
       const OutT* br = bias + r * b.ldb;
       const int32_t* t = tile + r * TILE_LD;
       for (int j = 0; j < b.cols; ++j) o[j] = static_cast<OutT>(t[j]) * s[j] + br[j];
+      if (b.shortcut)
+        for (int j = 0; j < b.cols; ++j) o[j] += *shortcut_at<OutT>(b, r, b.col0 + j);
+      if (b.slope) {
+        const OutT* sl = static_cast<const OutT*>(b.slope);
+        const OutT* of = static_cast<const OutT*>(b.offset);
+        for (int j = 0; j < b.cols; ++j) o[j] = std::max(o[j], o[j] * sl[j] + of[j]);
+      }
     }
   }
 }
@@ -128,22 +148,43 @@ TGT_AVX2 AI void store8_avx2(__m256i v, const Block& b, int r) {
   OutT* out = static_cast<OutT*>(b.out) + r * b.ldo;
   const OutT* s = static_cast<const OutT*>(b.scale);
   const OutT* bias = b.bias ? static_cast<const OutT*>(b.bias) + r * b.ldb : nullptr;
+  const OutT* sl = static_cast<const OutT*>(b.slope);
+  const OutT* of = static_cast<const OutT*>(b.offset);
   if (b.cols < PW) {
     alignas(32) int32_t t[PW];
     _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
     for (int j = 0; j < b.cols; ++j) {
-      if constexpr (std::is_same<OutT, int32_t>::value) out[j] = t[j];
-      else out[j] = static_cast<OutT>(t[j]) * s[j] + bias[j];
+      if constexpr (std::is_same<OutT, int32_t>::value) {
+        out[j] = t[j];
+      } else {
+        OutT y = static_cast<OutT>(t[j]) * s[j] + bias[j];
+        if (b.shortcut) y += *shortcut_at<OutT>(b, r, b.col0 + j);
+        out[j] = sl ? std::max(y, y * sl[j] + of[j]) : y;
+      }
     }
   } else if constexpr (std::is_same<OutT, int32_t>::value) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), v);
   } else if constexpr (std::is_same<OutT, float>::value) {
-    _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(s), _mm256_loadu_ps(bias)));
+    __m256 y = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(s), _mm256_loadu_ps(bias));
+    if (b.shortcut) y = _mm256_add_ps(y, _mm256_loadu_ps(shortcut_at<float>(b, r, b.col0)));
+    if (sl) y = _mm256_max_ps(y, _mm256_fmadd_ps(y, _mm256_loadu_ps(sl), _mm256_loadu_ps(of)));
+    _mm256_storeu_ps(out, y);
   } else {
     const __m256d lo = _mm256_cvtepi32_pd(_mm256_castsi256_si128(v));
     const __m256d hi = _mm256_cvtepi32_pd(_mm256_extracti128_si256(v, 1));
-    _mm256_storeu_pd(out, _mm256_fmadd_pd(lo, _mm256_loadu_pd(s), _mm256_loadu_pd(bias)));
-    _mm256_storeu_pd(out + 4, _mm256_fmadd_pd(hi, _mm256_loadu_pd(s + 4), _mm256_loadu_pd(bias + 4)));
+    __m256d y0 = _mm256_fmadd_pd(lo, _mm256_loadu_pd(s), _mm256_loadu_pd(bias));
+    __m256d y1 = _mm256_fmadd_pd(hi, _mm256_loadu_pd(s + 4), _mm256_loadu_pd(bias + 4));
+    if (b.shortcut) {
+      const double* sc = shortcut_at<double>(b, r, b.col0);
+      y0 = _mm256_add_pd(y0, _mm256_loadu_pd(sc));
+      y1 = _mm256_add_pd(y1, _mm256_loadu_pd(sc + 4));
+    }
+    if (sl) {
+      y0 = _mm256_max_pd(y0, _mm256_fmadd_pd(y0, _mm256_loadu_pd(sl), _mm256_loadu_pd(of)));
+      y1 = _mm256_max_pd(y1, _mm256_fmadd_pd(y1, _mm256_loadu_pd(sl + 4), _mm256_loadu_pd(of + 4)));
+    }
+    _mm256_storeu_pd(out, y0);
+    _mm256_storeu_pd(out + 4, y1);
   }
 }
 
@@ -236,16 +277,21 @@ TGT_AVX2 void block_avx2(const Block& b) {
 // works on the counters in registers (a round trip through a tile costs as much as the product
 // itself when K is a few hundred).
 template <typename OutT>
-TGT_AVX512 AI void store8_avx512(__m512i v, OutT* out, const OutT* scale, const OutT* bias, __mmask8 m) {
+TGT_AVX512 AI void store8_avx512(__m512i v, OutT* out, const OutT* scale, const OutT* bias, const OutT* shortcut,
+                                 const OutT* slope, const OutT* offset, __mmask8 m) {
   if constexpr (std::is_same<OutT, int32_t>::value) {
     _mm512_mask_cvtepi64_storeu_epi32(out, m, v);
   } else if constexpr (std::is_same<OutT, float>::value) {
     const __m256 f = _mm512_cvtepi64_ps(v);
-    const __m256 r = _mm256_fmadd_ps(f, _mm256_maskz_loadu_ps(m, scale), _mm256_maskz_loadu_ps(m, bias));
+    __m256 r = _mm256_fmadd_ps(f, _mm256_maskz_loadu_ps(m, scale), _mm256_maskz_loadu_ps(m, bias));
+    if (shortcut) r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(m, shortcut));
+    if (slope) r = _mm256_max_ps(r, _mm256_fmadd_ps(r, _mm256_maskz_loadu_ps(m, slope), _mm256_maskz_loadu_ps(m, offset)));
     _mm256_mask_storeu_ps(out, m, r);
   } else {
     const __m512d f = _mm512_cvtepi64_pd(v);
-    const __m512d r = _mm512_fmadd_pd(f, _mm512_maskz_loadu_pd(m, scale), _mm512_maskz_loadu_pd(m, bias));
+    __m512d r = _mm512_fmadd_pd(f, _mm512_maskz_loadu_pd(m, scale), _mm512_maskz_loadu_pd(m, bias));
+    if (shortcut) r = _mm512_add_pd(r, _mm512_maskz_loadu_pd(m, shortcut));
+    if (slope) r = _mm512_max_pd(r, _mm512_fmadd_pd(r, _mm512_maskz_loadu_pd(m, slope), _mm512_maskz_loadu_pd(m, offset)));
     _mm512_mask_storeu_pd(out, m, r);
   }
 }
@@ -299,6 +345,8 @@ TGT_AVX512 void block_avx512(const Block& b) {
   OutT* out = static_cast<OutT*>(b.out);
   const OutT* scale = static_cast<const OutT*>(b.scale);
   const OutT* bias = static_cast<const OutT*>(b.bias);
+  const OutT* slope = static_cast<const OutT*>(b.slope);
+  const OutT* offset = static_cast<const OutT*>(b.offset);
   for (int r = 0; r < PW; ++r) {
     if (r >= b.rows) break;
     for (int c = 0; c < C; ++c) {
@@ -309,7 +357,9 @@ TGT_AVX512 void block_avx512(const Block& b) {
       else base = accp[r][MODE == BOTH ? c : 0];
       const __m512i v = _mm512_sub_epi64(base, _mm512_slli_epi64(acc[r][c], 1));
       store8_avx512<OutT>(v, out + r * b.ldo + PW * c, scale ? scale + PW * c : nullptr,
-                          bias ? bias + r * b.ldb + PW * c : nullptr, masks[c]);
+                          bias ? bias + r * b.ldb + PW * c : nullptr,
+                          b.shortcut ? shortcut_at<OutT>(b, r, b.col0 + PW * c) : nullptr,
+                          slope ? slope + PW * c : nullptr, slope ? offset + PW * c : nullptr, masks[c]);
     }
   }
 }
@@ -356,13 +406,18 @@ int block_table_mode(int isa, int mode, BlockFn* fns) {
 
 }  // namespace
 
-// out[b, i, j] = sum_k a[b, i, k] * b[b, j, k]   (int32), or that times scale[j] plus bias[b, i, j].
+// out[b, i, j] = sum_k a[b, i, k] * b[b, j, k]   (int32), or y = that times scale[j] plus bias[b, i, j],
+// plus, with a shortcut (M, P) (batch 1, P a multiple of 8 dividing N, or N), shortcut[i, j % P];
+// then, with prelu_slope and prelu_offset, max(y, slope[j] * y + offset[j]) (a PReLU with a carried
+// constant, for slopes <= 1; see the deploy runtime's FoldedPReLU).
 // a planes (Ba, P, Kw, 8) and b planes (Bb, Q, Kw, 8), Ba and Bb each 1 or the batch of out;
 // out (batch, M, N) with unit column stride; bias expanded to out's shape (zero strides allowed).
 void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch::Tensor& acnt, bool a_zeros,
                const torch::Tensor& bneg, const torch::Tensor& bnz, const torch::Tensor& bcnt, bool b_zeros,
                int64_t K, torch::Tensor out, const c10::optional<torch::Tensor>& scale,
-               const c10::optional<torch::Tensor>& bias, int64_t isa) {
+               const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& shortcut,
+               const c10::optional<torch::Tensor>& prelu_slope, const c10::optional<torch::Tensor>& prelu_offset,
+               int64_t isa) {
   check_isa(isa);
   check_planes(aneg, "a.neg"); check_planes(anz, "a.nz"); check_planes(bneg, "b.neg"); check_planes(bnz, "b.nz");
   TORCH_CHECK(out.dim() == 3 && out.stride(2) == 1, "out must be 3-D with unit column stride");
@@ -383,6 +438,20 @@ void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch:
     TORCH_CHECK(scale->dim() == 1 && scale->size(0) == N && scale->is_contiguous(), "scale must be contiguous (N,)");
     TORCH_CHECK(bias->dim() == 3 && bias->size(0) == batch && bias->size(1) == M && bias->size(2) == N &&
                 (bias->stride(2) == 1 || N == 1), "bias must be expanded to out's shape with unit column stride");
+  }
+  if (shortcut.has_value()) {
+    TORCH_CHECK(is_float && batch == 1, "a shortcut needs a float output of batch 1");
+    const int64_t P = shortcut->dim() == 2 ? shortcut->size(1) : 0;
+    TORCH_CHECK(shortcut->scalar_type() == dtype && P > 0 && shortcut->size(0) == M &&
+                (shortcut->stride(1) == 1 || P == 1) && N % P == 0 && (P % PW == 0 || P == N),
+                "shortcut must be (M, P) of out's dtype with unit column stride, P == N or a multiple of 8 dividing N");
+  }
+  TORCH_CHECK(prelu_slope.has_value() == prelu_offset.has_value(), "the PReLU epilogue needs slope and offset");
+  if (prelu_slope.has_value()) {
+    TORCH_CHECK(is_float, "the PReLU epilogue needs a float output");
+    for (const auto* t : {&*prelu_slope, &*prelu_offset})
+      TORCH_CHECK(t->scalar_type() == dtype && t->dim() == 1 && t->size(0) == N && t->is_contiguous(),
+                  "PReLU slope and offset must be contiguous (N,) tensors of out's dtype");
   }
   if (M == 0 || N == 0 || batch == 0) return;
   const int mode = (a_zeros ? 1 : 0) + (b_zeros ? 2 : 0);
@@ -410,12 +479,20 @@ void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch:
   const char* scale0 = is_float ? static_cast<const char*>(scale->data_ptr()) : nullptr;
   const char* bias0 = is_float ? static_cast<const char*>(bias->data_ptr()) : nullptr;
   const int64_t sb_b = is_float ? bias->stride(0) : 0, sb_m = is_float ? bias->stride(1) : 0;
+  const char* shortcut0 = shortcut.has_value() ? static_cast<const char*>(shortcut->data_ptr()) : nullptr;
+  const int64_t lds = shortcut.has_value() ? shortcut->stride(0) : 0;
+  const int64_t period = shortcut.has_value() ? shortcut->size(1) : 1;
+  const char* slope0 = prelu_slope.has_value() ? static_cast<const char*>(prelu_slope->data_ptr()) : nullptr;
+  const char* offset0 = prelu_offset.has_value() ? static_cast<const char*>(prelu_offset->data_ptr()) : nullptr;
 
   at::parallel_for(0, batch * Pm * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bi = it / (Pm * chunks), p = (it / chunks) % Pm, ch = it % chunks;
       Block blk;
-      blk.scale = blk.bias = nullptr;
+      blk.scale = blk.bias = blk.slope = blk.offset = blk.shortcut = nullptr;
+      blk.lds = lds;
+      blk.period = period;
+      if (shortcut0) blk.shortcut = shortcut0 + esize * (p * PW * lds);
       blk.an = an0 + bi * a_bs + p * Kw * PW;
       blk.az = az0 + bi * a_bs + p * Kw * PW;
       blk.acnt = ac0 + bi * ac_bs + p * PW;
@@ -431,10 +508,15 @@ void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch:
         blk.bz = bz0 + bi * b_bs + q * Kw * PW;
         blk.bcnt = bc0 + bi * bc_bs + q * PW;
         blk.cols = static_cast<int>(std::min<int64_t>(PW * c, N - q * PW));
+        blk.col0 = q * PW;
         blk.out = out0 + esize * (bi * out.stride(0) + p * PW * out.stride(1) + q * PW);
         if (is_float) {
           blk.scale = scale0 + esize * (q * PW);
           blk.bias = bias0 + esize * (bi * sb_b + p * PW * sb_m + q * PW);
+          if (slope0) {
+            blk.slope = slope0 + esize * (q * PW);
+            blk.offset = offset0 + esize * (q * PW);
+          }
         }
         fns[c - 1](blk);
       }

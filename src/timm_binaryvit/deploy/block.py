@@ -138,25 +138,24 @@ class DeployedBlock(Folded):
             n = r1 - r0
             tmp = ws('tmp', n, C)
             u = torch.addcmul(self.norm1_shift, x2[r0:r1], self.norm1_scale, out=ws('u', n, C))
-            self.act_q.apply_(self.q.run(u, u, yq[r0:r1], ws), tmp)
+            self.q.run_act(u, u, yq[r0:r1], ws, self.act_q, tmp)
             if reduce:
                 # R x R average pool of these n // W grid rows (channels-last pooling: no transposes)
                 grid_rows = F.avg_pool2d(u.view(1, n // W, W, C).permute(0, 3, 1, 2), R)
                 pooled[r0 // (R * R):r1 // (R * R)].view(1, n // (W * R), W // R, C).copy_(
                     grid_rows.permute(0, 2, 3, 1))
             else:
-                self.act_k.apply_(self.k.run(u, u, yk[r0:r1], ws), tmp)
-                self.act_v.apply_(self.v.run(u, u, yv[r0:r1], ws), tmp)
+                self.k.run_act(u, u, yk[r0:r1], ws, self.act_k, tmp)
+                self.v.run_act(u, u, yv[r0:r1], ws, self.act_v, tmp)
         if not reduce:
             return yq, yk, yv, None
         # keys and values from the pooled grid (few tokens: no chunks)
         Mk = pooled.shape[0]
         ktmp = ws('ktmp', Mk, C)
-        kv = self.kv_reduce.run(pooled, pooled, ws('ykv', Mk, C), ws)
-        self.act_kv_reduce.apply_(kv, ktmp)
+        kv = self.kv_reduce.run_act(pooled, pooled, ws('ykv', Mk, C), ws, self.act_kv_reduce, ktmp)
         yk, yv = ws('yk', Mk, C), ws('yv', Mk, C)
-        self.act_k.apply_(self.k.run(kv, kv, yk, ws), ktmp)
-        self.act_v.apply_(self.v.run(kv, kv, yv, ws), ktmp)
+        self.k.run_act(kv, kv, yk, ws, self.act_k, ktmp)
+        self.v.run_act(kv, kv, yv, ws, self.act_v, ktmp)
         return yq, yk, yv, torch.add(yk, yv, out=ws('kvsum', Mk, C))  # nearest upsampling commutes with the sum
 
     def _attention(self, yq, yk, yv, kvsum, B: int, N: int, Nk: int, feat_size: Tuple[int, int],
@@ -190,17 +189,16 @@ class DeployedBlock(Folded):
             n = r1 - r0
             tmp = ws('tmp', n, C)
             xc = x2[r0:r1]
-            yo = self.proj.run(acc[r0:r1], acc[r0:r1], ws('yo', n, C), ws, overwrite_input=True)
-            self.act_proj.apply_(yo, tmp)
+            yo = self.proj.run_act(acc[r0:r1], acc[r0:r1], ws('yo', n, C), ws, self.act_proj, tmp,
+                                   overwrite_input=True)
             _add_branch(xc, yo, self.affine1, self.affine1_alpha, self.residual1)
             w = torch.addcmul(self.norm2_shift, xc, self.norm2_scale,
                               out=wfull[r0:r1] if wfull is not None else ws('u', n, C))
-            hidden = self.fc1.run(w, w.view(n, 1, C), ws('hidden', n, E * C), ws)  # shortcut [w, w, ..., w]
-            self.act1.apply_(hidden, ws('htmp', n, E * C))
+            hidden = self.fc1.run_act(w, w.view(n, 1, C), ws('hidden', n, E * C), ws, self.act1,  # shortcut [w]*E
+                                      ws('htmp', n, E * C))
             # pool_E (the mean of E consecutive channels) as a matrix-vector product: faster than sum(-1)
             pooled = torch.mm(hidden.view(n * C, E), self.group_mean.view(E, 1), out=ws('pool', n * C, 1))
-            y2 = self.fc2.run(hidden, pooled.view(n, C), ws('y2', n, C), ws, overwrite_input=True)
-            self.act2.apply_(y2, tmp)
+            y2 = self.fc2.run_act(hidden, pooled.view(n, C), ws('y2', n, C), ws, self.act2, tmp, overwrite_input=True)
             _add_branch(xc, y2, self.affine2, self.affine2_alpha, self.residual2)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int], ws: Workspace) -> torch.Tensor:

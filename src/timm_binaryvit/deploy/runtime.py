@@ -199,24 +199,43 @@ class FoldedBinaryLinear(Folded):
             return x.sign_()
         return torch.sign(x, out=ws('signs', M, K))
 
+    def run_act(self, x: torch.Tensor, shortcut: torch.Tensor, out: torch.Tensor, ws: Workspace, act: 'FoldedPReLU',
+                tmp: torch.Tensor, overwrite_input: bool = False, kind: Optional[str] = None) -> torch.Tensor:
+        """:meth:`run`, then ``act`` in place (``tmp``: scratch of ``out``'s shape). Where the product runs
+        packed and every slope is <= 1, the PReLU is the packed kernel's epilogue: one pass less over
+        ``out`` and none over ``tmp``."""
+        kind = kind or choose_kind(LINEAR, (x.shape[0], x.shape[1], self.out_features), x)
+        if kind == 'packed' and not act.general:
+            return self.run(x, shortcut, out, ws, overwrite_input, kind, prelu=(act.slope, act.offset))
+        return act.apply_(self.run(x, shortcut, out, ws, overwrite_input, kind), tmp)
+
     def run(self, x: torch.Tensor, shortcut: torch.Tensor, out: torch.Tensor, ws: Workspace,
-            overwrite_input: bool = False, kind: Optional[str] = None) -> torch.Tensor:
+            overwrite_input: bool = False, kind: Optional[str] = None,
+            prelu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """``out = shortcut + bias + sign(x + in_shift) @ W^T`` for 2-D ``x``; ``shortcut`` is ``out``'s shape
         or ``(M, 1, C)`` broadcast over ``out`` viewed as ``(M, -1, C)``. ``overwrite_input`` lets it take
-        the signs in place in ``x``. ``kind`` forces a kernel (default: :func:`choose_kind`)."""
+        the signs in place in ``x``. ``kind`` forces a kernel (default: :func:`choose_kind`); ``prelu``
+        (packed only) is :func:`~timm_binaryvit.packed_ops.sign_gemm`'s epilogue."""
         M, K = x.shape
         kind = kind or choose_kind(LINEAR, (M, K, self.out_features), x)
+        if prelu is not None and kind != 'packed':
+            raise ValueError(f'the PReLU epilogue runs in the packed kernel only, not {kind!r}')
+        if kind == 'packed':
+            # bias, shortcut (repeated along the columns if narrower) and PReLU all in the epilogue
+            rows = shortcut.reshape(M, -1)
+            if rows.shape[1] != self.out_features and rows.shape[1] % 8:
+                rows = out.view(M, -1, rows.shape[1]).copy_(shortcut.view(M, 1, -1)).view(M, -1)  # the kernel
+                # repeats runs of 8 columns only; out may be the shortcut (each element is read, then written)
+            packed_ops.sign_gemm(packed_ops.pack_signs(x, self.in_shift), self.weight_form('packed'), self.scale,
+                                 self.bias, out=out, prelu=prelu, shortcut=rows)
+            return out
         # the shortcut first: it may be x itself, whose signs may then be taken in place
         if shortcut.dim() > 2:
             C = shortcut.shape[-1]
             torch.add(shortcut, self.bias.view(-1, C), out=out.view(shortcut.shape[0], -1, C))
         else:
             torch.add(shortcut, self.bias, out=out)
-        if kind == 'packed':
-            # the epilogue reads each element of ``out`` (as bias) before it writes it
-            packed_ops.sign_gemm(packed_ops.pack_signs(x, self.in_shift), self.weight_form('packed'),
-                                 self.scale, out, out=out)
-        elif kind == 'int8':
+        if kind == 'int8':
             signs8 = ws('signs8', M, K, dtype=torch.int8).copy_(self._signs(x, ws, overwrite_input))
             acc = torch._int_mm(signs8, self.weight_form('int8'),
                                 out=ws('acc', M, self.out_features, dtype=torch.int32))
