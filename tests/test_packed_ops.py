@@ -5,6 +5,7 @@ The extension is built once per test session (the module caches it); the tests t
 with the reason when it cannot be built, and fail under ``CI=true`` (CI must build it).
 """
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -94,8 +95,15 @@ def test_epilogue_scale_bias_out(ext, isa, dtype):
             got = packed_ops.sign_gemm(pa, pb24, scale[:24], bias_n[:24], shortcut=rows)
             want = acc24 * scale[:24].double() + bias_n[:24].double() + rows.double().repeat(1, 24 // P)
             torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
+        # group means of 1, 2, 4 or 8 consecutive result columns, in the same epilogue
+        for E in (1, 2, 4, 8):
+            means = torch.full((M, 24 // E), math.nan, dtype=dtype)
+            got = packed_ops.sign_gemm(pa, pb24, scale[:24], bias_n[:24], means=means)
+            torch.testing.assert_close(means.double(), got.double().view(M, 24 // E, E).mean(-1), rtol=1e-6, atol=1e-5)
     with pytest.raises(ValueError, match='float result'):
         packed_ops.sign_gemm(pa, pb, prelu=(slope, offset))
+    with pytest.raises(ValueError, match='means must be'):
+        packed_ops.sign_gemm(pa, pb24, scale[:24], means=torch.zeros(M, 8, dtype=dtype))  # groups of 3
     with pytest.raises(ValueError, match='multiple of 8'):
         packed_ops.sign_gemm(pa, pb24, scale[:24], shortcut=torch.zeros(M, 6, dtype=dtype))
 

@@ -179,7 +179,6 @@ def _decide(product: str, key: tuple, dtype: torch.dtype, device: torch.device) 
     cached = _disk_cache().get(disk_key)
     if cached in candidates and candidates[cached].unavailable(shape, dtype, device) is None:
         return Choice(product, shape, dtype_name, cached, f'measured earlier ({os.environ.get(ENV_CACHE)})')
-    times: Dict[str, float] = {}
     skipped: Dict[str, str] = {}
     runs: Dict[str, Callable[[], object]] = {}
     with torch.no_grad():
@@ -195,7 +194,7 @@ def _decide(product: str, key: tuple, dtype: torch.dtype, device: torch.device) 
                 runs[kind] = candidate.make(shape, dtype, device)
             except (RuntimeError, NotImplementedError) as e:  # a kernel that rejects this shape or dtype
                 skipped[kind] = f'failed: {str(e).splitlines()[0][:80]}'
-        times.update(_time_interleaved(runs, skipped))
+        times = _time_interleaved(runs, skipped)
     best = min(times, key=times.get)
     if best != 'float' and times[best] > MARGIN * times['float']:
         best = 'float'

@@ -334,9 +334,10 @@ def _check_pair(a: PackedSigns, b: PackedSigns):
         raise ValueError(f'a has {a.cols} columns and b {b.cols}: the packed (inner) dims must agree')
 
 
-def _run(ext, a: PackedSigns, b: PackedSigns, out3: torch.Tensor, scale, bias3, shortcut=None, prelu=(None, None)):
+def _run(ext, a: PackedSigns, b: PackedSigns, out3: torch.Tensor, scale, bias3, shortcut=None, prelu=(None, None),
+         means=None):
     ext.sign_gemm(a.neg, a.nz, a.counts, a.has_zeros, b.neg, b.nz, b.counts, b.has_zeros, a.cols,
-                  out3, scale, bias3, shortcut, prelu[0], prelu[1], _isa_code())
+                  out3, scale, bias3, shortcut, prelu[0], prelu[1], means, _isa_code())
 
 
 def _out_dtype(scale, bias) -> Optional[torch.dtype]:
@@ -363,7 +364,7 @@ def _make_out(out: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
 def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = None,
               bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
               prelu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-              shortcut: Optional[torch.Tensor] = None) -> torch.Tensor:
+              shortcut: Optional[torch.Tensor] = None, means: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``a @ b^T`` for packed ``a (M, K)`` and ``b (N, K)``, exact.
 
     Without ``scale`` and ``bias`` the result is int32; with either, ``y = acc * scale + bias`` in their
@@ -375,6 +376,8 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
     ``prelu = (slope, offset)``, both ``(N,)``: the epilogue then writes ``max(y, slope * y + offset)``
     (a PReLU whose input and output carry a constant ``c``, with ``offset = c (1 - slope)``, exact for
     slopes <= 1; :class:`~timm_binaryvit.deploy.runtime.FoldedPReLU`).
+    ``means``: a float ``(M, G)`` tensor (unit column stride) that receives the mean of each group of
+    ``E = N / G`` consecutive result columns (``E`` is 1, 2, 4 or 8), e.g. a binary FFN's ``pool_E``.
     """
     ext = _ext_or_raise()
     _check_pair(a, b)
@@ -412,7 +415,13 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
         prelu = tuple(t.to(dtype).reshape(-1).contiguous() for t in prelu)
         if any(t.numel() != N for t in prelu):
             raise ValueError(f'PReLU slope and offset must have {N} values (one per output column)')
-    _run(ext, a, b, result.unsqueeze(0), scale_t, bias3, shortcut, prelu or (None, None))
+    if means is not None:
+        G = means.shape[-1] if means.dim() == 2 else 0
+        if (dtype is None or means.dtype != dtype or means.dim() != 2 or means.shape[0] != M or G == 0 or N % G
+                or 8 % (N // G) or (G > 1 and means.stride(1) != 1)):
+            raise ValueError(f'means must be a ({M}, G) tensor of the result dtype {dtype} with unit column stride, '
+                             f'G = {N} / E for E in 1, 2, 4, 8; got {means.dtype} {tuple(means.shape)}')
+    _run(ext, a, b, result.unsqueeze(0), scale_t, bias3, shortcut, prelu or (None, None), means)
     return result
 
 

@@ -47,7 +47,30 @@ struct Block {
   int64_t lds;            //   (col0 + j) % period, so a (M, period) shortcut repeats along the columns
   int64_t period;
   int64_t col0;           // the block's first output column
+  void* means;            // group means (null: none): row origin of the block; column g is the mean
+  int64_t ldm;            //   of output columns g E .. g E + E - 1 (E divides 8, so no group crosses a block)
+  int group;              // E
 };
+
+// The means of each group of E consecutive output columns of the block, read back from the output
+// just written (still in the L1 cache): the FFN's pool_E shortcut without another pass over memory.
+template <typename OutT>
+AI void group_means(const Block& b) {
+  if constexpr (!std::is_same<OutT, int32_t>::value) {
+    if (!b.means) return;
+    const OutT* out = static_cast<const OutT*>(b.out);
+    OutT* means = static_cast<OutT*>(b.means) + b.col0 / b.group;
+    const OutT inv = OutT(1) / OutT(b.group);
+    for (int r = 0; r < b.rows; ++r) {
+      const OutT* o = out + r * b.ldo;
+      for (int j = 0; j < b.cols; j += b.group) {
+        OutT sum = 0;
+        for (int e = 0; e < b.group; ++e) sum += o[j + e];
+        means[r * b.ldm + j / b.group] = sum * inv;
+      }
+    }
+  }
+}
 
 // The shortcut of output column col of the block's row r (period is a multiple of 8 or N, so an
 // aligned run of 8 columns never wraps).
@@ -123,6 +146,7 @@ void block_portable(const Block& b) {
   int32_t tile[PW * TILE_LD];
   mk_portable<MODE>(b, tile);
   epilogue<OutT>(tile, b);
+  group_means<OutT>(b);
 }
 
 #if defined(TBV_X86)
@@ -133,6 +157,7 @@ TGT_POPCNT void block_portable_popcnt(const Block& b) {
   int32_t tile[PW * TILE_LD];
   mk_portable<MODE>(b, tile);
   epilogue<OutT>(tile, b);
+  group_means<OutT>(b);
 }
 
 // ---- AVX2: nibble-LUT popcount (vpshufb) into byte counters, vpsadbw every <= 31 words
@@ -271,6 +296,7 @@ TGT_AVX2 AI void mk_avx2(const Block& b) {
 template <int MODE, int C, typename OutT>
 TGT_AVX2 void block_avx2(const Block& b) {
   mk_avx2<MODE, OutT>(b);
+  group_means<OutT>(b);
 }
 
 // ---- AVX-512 VPOPCNTDQ: 8 rows x C panels (8 C columns) of 64-bit lane counters; the epilogue
@@ -362,6 +388,7 @@ TGT_AVX512 void block_avx512(const Block& b) {
                           slope ? slope + PW * c : nullptr, slope ? offset + PW * c : nullptr, masks[c]);
     }
   }
+  group_means<OutT>(b);
 }
 #endif  // TBV_X86
 
@@ -409,7 +436,8 @@ int block_table_mode(int isa, int mode, BlockFn* fns) {
 // out[b, i, j] = sum_k a[b, i, k] * b[b, j, k]   (int32), or y = that times scale[j] plus bias[b, i, j],
 // plus, with a shortcut (M, P) (batch 1, P a multiple of 8 dividing N, or N), shortcut[i, j % P];
 // then, with prelu_slope and prelu_offset, max(y, slope[j] * y + offset[j]) (a PReLU with a carried
-// constant, for slopes <= 1; see the deploy runtime's FoldedPReLU).
+// constant, for slopes <= 1; see the deploy runtime's FoldedPReLU); with means (M, G) (batch 1, unit
+// column stride, E = N / G dividing 8), also means[i, g] = the mean of out[i, g E .. g E + E - 1].
 // a planes (Ba, P, Kw, 8) and b planes (Bb, Q, Kw, 8), Ba and Bb each 1 or the batch of out;
 // out (batch, M, N) with unit column stride; bias expanded to out's shape (zero strides allowed).
 void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch::Tensor& acnt, bool a_zeros,
@@ -417,7 +445,7 @@ void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch:
                int64_t K, torch::Tensor out, const c10::optional<torch::Tensor>& scale,
                const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& shortcut,
                const c10::optional<torch::Tensor>& prelu_slope, const c10::optional<torch::Tensor>& prelu_offset,
-               int64_t isa) {
+               const c10::optional<torch::Tensor>& means, int64_t isa) {
   check_isa(isa);
   check_planes(aneg, "a.neg"); check_planes(anz, "a.nz"); check_planes(bneg, "b.neg"); check_planes(bnz, "b.nz");
   TORCH_CHECK(out.dim() == 3 && out.stride(2) == 1, "out must be 3-D with unit column stride");
@@ -445,6 +473,15 @@ void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch:
     TORCH_CHECK(shortcut->scalar_type() == dtype && P > 0 && shortcut->size(0) == M &&
                 (shortcut->stride(1) == 1 || P == 1) && N % P == 0 && (P % PW == 0 || P == N),
                 "shortcut must be (M, P) of out's dtype with unit column stride, P == N or a multiple of 8 dividing N");
+  }
+  int group = 1;
+  if (means.has_value()) {
+    TORCH_CHECK(is_float && batch == 1 && means->scalar_type() == dtype && means->dim() == 2 &&
+                means->size(0) == M && means->size(1) > 0 && N % means->size(1) == 0 &&
+                (means->stride(1) == 1 || means->size(1) == 1),
+                "means must be (M, G) of out's dtype with unit column stride, G dividing N, for batch 1");
+    group = static_cast<int>(N / means->size(1));
+    TORCH_CHECK(PW % group == 0, "group means need groups of 1, 2, 4 or 8 columns, not ", group);
   }
   TORCH_CHECK(prelu_slope.has_value() == prelu_offset.has_value(), "the PReLU epilogue needs slope and offset");
   if (prelu_slope.has_value()) {
@@ -493,6 +530,9 @@ void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch:
       blk.lds = lds;
       blk.period = period;
       if (shortcut0) blk.shortcut = shortcut0 + esize * (p * PW * lds);
+      blk.group = group;
+      blk.ldm = means.has_value() ? means->stride(0) : 0;
+      blk.means = means.has_value() ? static_cast<char*>(means->data_ptr()) + esize * (p * PW * blk.ldm) : nullptr;
       blk.an = an0 + bi * a_bs + p * Kw * PW;
       blk.az = az0 + bi * a_bs + p * Kw * PW;
       blk.acnt = ac0 + bi * ac_bs + p * PW;

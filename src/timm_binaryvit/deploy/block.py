@@ -92,7 +92,6 @@ class DeployedBlock(Folded):
         self.fc1, self.act1, _ = fold_unit(mlp.fc1, mlp.act1, zeros, zeros.repeat(E), z1 + b2, dtype)
         self.fc2, self.act2, z2 = fold_unit(mlp.fc2, mlp.act2, zeros, -b2.view(C, E).mean(-1), zeros, dtype,
                                             sign_shift=False)
-        self._buf('group_mean', ref.new_full((E,), 1.0 / E), dtype)
         a2, b2_ = affine(block.affine2, C, ref)
         residual2 = a2 * z2 + b2_
 
@@ -194,11 +193,11 @@ class DeployedBlock(Folded):
             _add_branch(xc, yo, self.affine1, self.affine1_alpha, self.residual1)
             w = torch.addcmul(self.norm2_shift, xc, self.norm2_scale,
                               out=wfull[r0:r1] if wfull is not None else ws('u', n, C))
-            hidden = self.fc1.run_act(w, w.view(n, 1, C), ws('hidden', n, E * C), ws, self.act1,  # shortcut [w]*E
-                                      ws('htmp', n, E * C))
-            # pool_E (the mean of E consecutive channels) as a matrix-vector product: faster than sum(-1)
-            pooled = torch.mm(hidden.view(n * C, E), self.group_mean.view(E, 1), out=ws('pool', n * C, 1))
-            y2 = self.fc2.run_act(hidden, pooled.view(n, C), ws('y2', n, C), ws, self.act2, tmp, overwrite_input=True)
+            # shortcut [w, w, ..., w]; pool_E (the mean of E consecutive channels) is fc2's shortcut
+            pooled = ws('pool', n, C)
+            hidden = self.fc1.run_act(w, w.view(n, 1, C), ws('hidden', n, E * C), ws, self.act1, ws('htmp', n, E * C),
+                                      means=pooled)
+            y2 = self.fc2.run_act(hidden, pooled, ws('y2', n, C), ws, self.act2, tmp, overwrite_input=True)
             _add_branch(xc, y2, self.affine2, self.affine2_alpha, self.residual2)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int], ws: Workspace) -> torch.Tensor:

@@ -29,6 +29,17 @@ class _DeployedModel(nn.Module):
                 setattr(self, name, copy.deepcopy(getattr(model, name)))
         self.training_class = type(model).__name__
 
+    def _fold_head(self, model: nn.Module, width: int, ref: torch.Tensor) -> None:
+        # the final BatchNorm folds into the classifier; the twin is complete and inference-only from here
+        self.head_fold = FoldedHead(model.norm, model.head, width, ref)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _stem_tokens(self, x: torch.Tensor, family: str) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            check_image_input(x, self.in_chans, self.img_size, family)
+        return self.stem(patches(x, self.patch_size), x.shape[0])
+
     def train(self, mode: bool = True):
         if mode:
             raise RuntimeError(
@@ -115,14 +126,10 @@ class DeployedBinaryViT(_DeployedModel):
             else:
                 self.downsamples.append(nn.Identity())
             self.stages.append(nn.ModuleList([DeployedBlock(b, ref.dtype, ref.device) for b in stage.blocks]))
-        self.head_fold = FoldedHead(model.norm, model.head, self.num_features, ref)
-        self.requires_grad_(False)
-        self.eval()
+        self._fold_head(model, self.num_features, ref)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_image_input(x, self.in_chans, self.img_size, 'BinaryViT')
-        x = self.stem(patches(x, self.patch_size), x.shape[0])
+        x = self._stem_tokens(x, 'BinaryViT')
         feat_size = self._grids[0]
         for i, (ds, blocks) in enumerate(zip(self.downsamples, self.stages)):
             ws = Workspace(x)
@@ -172,15 +179,11 @@ class DeployedBinaryDeiT(_DeployedModel):
         else:
             self.cls_pos = None
         self.blocks = nn.ModuleList([DeployedBlock(b, ref.dtype, ref.device) for b in model.blocks])
-        self.head_fold = FoldedHead(model.norm, model.head, self.embed_dim, ref)
-        self.requires_grad_(False)
-        self.eval()
+        self._fold_head(model, self.embed_dim, ref)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
-            check_image_input(x, self.in_chans, self.img_size, 'BinaryDeiT')
         B = x.shape[0]
-        x = self.stem(patches(x, self.patch_size), B)
+        x = self._stem_tokens(x, 'BinaryDeiT')
         if self.cls_pos is not None:
             x = torch.cat([self.cls_pos.expand(B, 1, -1), x], dim=1)
         ws = Workspace(x)

@@ -200,26 +200,37 @@ class FoldedBinaryLinear(Folded):
         return torch.sign(x, out=ws('signs', M, K))
 
     def run_act(self, x: torch.Tensor, shortcut: torch.Tensor, out: torch.Tensor, ws: Workspace, act: 'FoldedPReLU',
-                tmp: torch.Tensor, overwrite_input: bool = False, kind: Optional[str] = None) -> torch.Tensor:
-        """:meth:`run`, then ``act`` in place (``tmp``: scratch of ``out``'s shape). Where the product runs
-        packed and every slope is <= 1, the PReLU is the packed kernel's epilogue: one pass less over
-        ``out`` and none over ``tmp``."""
+                tmp: torch.Tensor, overwrite_input: bool = False, kind: Optional[str] = None,
+                means: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`run`, then ``act`` in place (``tmp``: scratch of ``out``'s shape); with ``means`` ``(M, G)``,
+        also the mean of each group of ``N / G`` consecutive columns of the result into it. Where the
+        product runs packed and every slope is <= 1, the PReLU (and the means, for groups of 1, 2, 4
+        or 8) are the packed kernel's epilogue: passes over ``out`` and ``tmp`` saved."""
         kind = kind or choose_kind(LINEAR, (x.shape[0], x.shape[1], self.out_features), x)
-        if kind == 'packed' and not act.general:
-            return self.run(x, shortcut, out, ws, overwrite_input, kind, prelu=(act.slope, act.offset))
-        return act.apply_(self.run(x, shortcut, out, ws, overwrite_input, kind), tmp)
+        group = out.shape[1] // means.shape[1] if means is not None else 0
+        prelu_inside = kind == 'packed' and not act.general
+        means_inside = prelu_inside and means is not None and 8 % group == 0
+        self.run(x, shortcut, out, ws, overwrite_input, kind, prelu=(act.slope, act.offset) if prelu_inside else None,
+                 means=means if means_inside else None)
+        if not prelu_inside:
+            act.apply_(out, tmp)
+        if means is not None and not means_inside:
+            # a matrix-vector product: faster than mean(-1) on the CPU
+            torch.mm(out.view(-1, group), out.new_full((group, 1), 1.0 / group), out=means.view(-1, 1))
+        return out
 
     def run(self, x: torch.Tensor, shortcut: torch.Tensor, out: torch.Tensor, ws: Workspace,
             overwrite_input: bool = False, kind: Optional[str] = None,
-            prelu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+            prelu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+            means: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``out = shortcut + bias + sign(x + in_shift) @ W^T`` for 2-D ``x``; ``shortcut`` is ``out``'s shape
         or ``(M, 1, C)`` broadcast over ``out`` viewed as ``(M, -1, C)``. ``overwrite_input`` lets it take
-        the signs in place in ``x``. ``kind`` forces a kernel (default: :func:`choose_kind`); ``prelu``
-        (packed only) is :func:`~timm_binaryvit.packed_ops.sign_gemm`'s epilogue."""
+        the signs in place in ``x``. ``kind`` forces a kernel (default: :func:`choose_kind`); ``prelu`` and
+        ``means`` (packed only) are :func:`~timm_binaryvit.packed_ops.sign_gemm`'s epilogue."""
         M, K = x.shape
         kind = kind or choose_kind(LINEAR, (M, K, self.out_features), x)
-        if prelu is not None and kind != 'packed':
-            raise ValueError(f'the PReLU epilogue runs in the packed kernel only, not {kind!r}')
+        if (prelu is not None or means is not None) and kind != 'packed':
+            raise ValueError(f'the PReLU and means epilogue runs in the packed kernel only, not {kind!r}')
         if kind == 'packed':
             # bias, shortcut (repeated along the columns if narrower) and PReLU all in the epilogue
             rows = shortcut.reshape(M, -1)
@@ -227,7 +238,7 @@ class FoldedBinaryLinear(Folded):
                 rows = out.view(M, -1, rows.shape[1]).copy_(shortcut.view(M, 1, -1)).view(M, -1)  # the kernel
                 # repeats runs of 8 columns only; out may be the shortcut (each element is read, then written)
             packed_ops.sign_gemm(packed_ops.pack_signs(x, self.in_shift), self.weight_form('packed'), self.scale,
-                                 self.bias, out=out, prelu=prelu, shortcut=rows)
+                                 self.bias, out=out, prelu=prelu, shortcut=rows, means=means)
             return out
         # the shortcut first: it may be x itself, whose signs may then be taken in place
         if shortcut.dim() > 2:
