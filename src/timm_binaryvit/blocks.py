@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_module
 
 from .batchnorm import TokenBatchNorm, frozen_batchnorm_stats, norm_add_rprelu
 from .dispatch import sign_product
@@ -281,6 +281,9 @@ class MultiBranchPool(FusedPath):
         return out
 
 
+# FX keeps the layer whole, so a traced model runs the same path at run time as eager mode does (the
+# folded twin in eval mode, the fused functions in training) and gives the same numbers.
+@register_notrace_module
 class Block(FusedPath):
     """One binary transformer layer: attention and FFN, each behind a token BatchNorm, with the
     optional affine before each main residual addition and the optional pooling branches."""
