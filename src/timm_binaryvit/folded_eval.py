@@ -15,8 +15,9 @@ The twin computes the same function (equal in float64 to about 1e-15, the deploy
 float32 it rounds differently from the module path, as the fused training path does. Where it may
 not stand in (:func:`foldable`), the module path runs: gradients wanted, hooks, ``SyncBatchNorm``,
 a BatchNorm without running statistics, a device other than the CPU, and everything
-:func:`~timm_binaryvit.fused.plain_modules` excludes (TorchScript, FX, ``torch.compile``, ONNX
+:func:`~timm_binaryvit.fused.plain_modules` excludes (TorchScript, ``torch.compile``, ONNX
 export, autocast, other dtypes, profilers that dispatch per operator) and inside :func:`unfolded`.
+FX tracing keeps the layer whole (a notrace module), so a traced model runs it as eager mode does.
 """
 import contextlib
 import itertools
