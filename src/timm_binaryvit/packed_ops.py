@@ -32,7 +32,7 @@ import torch
 __all__ = [
     'ENV_DISABLE', 'ENV_ISA', 'ISAS', 'PackedSigns', 'available', 'unavailable_reason', 'isa', 'supported_isas',
     'use_isa', 'pack_signs', 'pack_signs_transposed', 'pack_sign_values', 'pack_mask', 'from_sign_bits',
-    'sign_gemm', 'sign_bmm', 'mask_sign_bmm', 'register_candidates',
+    'sign_gemm', 'sign_bmm', 'mask_sign_bmm', 'register_candidates', 'epilogue_repeats', 'epilogue_groups',
 ]
 
 #: ``1`` forces the float fallback (the extension is neither built nor loaded).
@@ -326,6 +326,18 @@ def from_sign_bits(bits: torch.Tensor, cols: int, zeros: Optional[torch.Tensor] 
     return PackedSigns(neg, nz, counts, rows, cols, (), has_zeros=with_zero > 0)
 
 
+def epilogue_repeats(period: int, n: int) -> bool:
+    """Whether :func:`sign_gemm`'s epilogue can add a ``(M, period)`` shortcut to ``n`` result columns:
+    it repeats runs of 8 columns (one output panel), so ``period`` is ``n`` or a multiple of 8 dividing it."""
+    return period > 0 and n % period == 0 and (period == n or period % 8 == 0)
+
+
+def epilogue_groups(group: int) -> bool:
+    """Whether :func:`sign_gemm`'s epilogue can write the means of groups of ``group`` consecutive
+    columns: a group must lie within one 8-column output panel."""
+    return group > 0 and 8 % group == 0
+
+
 def _check_pair(a: PackedSigns, b: PackedSigns):
     for name, v in (('a', a), ('b', b)):
         if not isinstance(v, PackedSigns):
@@ -403,7 +415,7 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
         if dtype is None:
             raise ValueError('a shortcut needs a float result: give scale or bias')
         P = shortcut.shape[-1] if shortcut.dim() == 2 else 0
-        if shortcut.dim() != 2 or shortcut.shape[0] != M or P == 0 or N % P or (P % 8 and P != N):
+        if shortcut.dim() != 2 or shortcut.shape[0] != M or not epilogue_repeats(P, N):
             raise ValueError(f'shortcut must be ({M}, P) with P == {N} or a multiple of 8 dividing {N}, '
                              f'got {tuple(shortcut.shape)}')
         shortcut = shortcut.to(dtype)
@@ -418,7 +430,7 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
     if means is not None:
         G = means.shape[-1] if means.dim() == 2 else 0
         if (dtype is None or means.dtype != dtype or means.dim() != 2 or means.shape[0] != M or G == 0 or N % G
-                or 8 % (N // G) or (G > 1 and means.stride(1) != 1)):
+                or not epilogue_groups(N // G) or (G > 1 and means.stride(1) != 1)):
             raise ValueError(f'means must be a ({M}, G) tensor of the result dtype {dtype} with unit column stride, '
                              f'G = {N} / E for E in 1, 2, 4, 8; got {means.dtype} {tuple(means.shape)}')
     _run(ext, a, b, result.unsqueeze(0), scale_t, bias3, shortcut, prelu or (None, None), means)

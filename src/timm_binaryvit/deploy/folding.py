@@ -147,8 +147,9 @@ class FoldedDownsample(Folded):
         # shortcut: BN_0's scale times the 2x2 average (its shift is in the bias), repeated over the channels
         avg = F.avg_pool2d(x.view(B, 2 * H2, 2 * W2, cin).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1)
         short = torch.mul(avg.reshape(M2, 1, cin), self.short_scale)
-        y = x.new_empty(M2, self.repeats * cin)
-        self.conv.run_act(patches.view(M2, 4 * cin), short, y, ws, self.act, torch.empty_like(y), overwrite_input=True)
+        N = self.repeats * cin
+        y = x.new_empty(M2, N)
+        self.conv.run_act(patches.view(M2, 4 * cin), short, y, ws, self.act, ws('act_tmp', M2, N), overwrite_input=True)
         return y.view(B, H2 * W2, -1).add_(self.token_bias)
 
 

@@ -209,7 +209,7 @@ class FoldedBinaryLinear(Folded):
         kind = kind or choose_kind(LINEAR, (x.shape[0], x.shape[1], self.out_features), x)
         group = out.shape[1] // means.shape[1] if means is not None else 0
         prelu_inside = kind == 'packed' and not act.general
-        means_inside = prelu_inside and means is not None and 8 % group == 0
+        means_inside = prelu_inside and means is not None and packed_ops.epilogue_groups(group)
         self.run(x, shortcut, out, ws, overwrite_input, kind, prelu=(act.slope, act.offset) if prelu_inside else None,
                  means=means if means_inside else None)
         if not prelu_inside:
@@ -234,9 +234,10 @@ class FoldedBinaryLinear(Folded):
         if kind == 'packed':
             # bias, shortcut (repeated along the columns if narrower) and PReLU all in the epilogue
             rows = shortcut.reshape(M, -1)
-            if rows.shape[1] != self.out_features and rows.shape[1] % 8:
-                rows = out.view(M, -1, rows.shape[1]).copy_(shortcut.view(M, 1, -1)).view(M, -1)  # the kernel
-                # repeats runs of 8 columns only; out may be the shortcut (each element is read, then written)
+            if not packed_ops.epilogue_repeats(rows.shape[1], self.out_features):
+                # a repeat the kernel cannot read in place: spelled out in out, which may be the shortcut
+                # (the epilogue reads each element before it writes it)
+                rows = out.view(M, -1, rows.shape[1]).copy_(shortcut.view(M, 1, -1)).view(M, -1)
             packed_ops.sign_gemm(packed_ops.pack_signs(x, self.in_shift), self.weight_form('packed'), self.scale,
                                  self.bias, out=out, prelu=prelu, shortcut=rows, means=means)
             return out
