@@ -12,14 +12,14 @@ import torch
 from timm_binaryvit import kernels, packed_ops
 from timm_binaryvit.deploy import deploy, export_packed, load_packed
 from timm_binaryvit.deploy.runtime import (
-    ATTENTION, LINEAR, FoldedBinaryLinear, FoldedPReLU, SignBits, Workspace, attention_context)
+    ATTENTION, FFN, LINEAR, FoldedBinaryLinear, FoldedPReLU, SignBits, Workspace, attention_context, binary_ffn)
 from timm_binaryvit.folded_eval import unfolded
 from timm_binaryvit.layers import BinaryConv2d, BinaryLinear
 
 from kernel_helpers import fake_clock, fresh_choices  # noqa: F401  (fresh_choices: autouse)
 from deploy_helpers import RTOL, images, make, one_thread, rel  # noqa: F401
 
-KINDS = {LINEAR: ('float', 'int8', 'packed'), ATTENTION: ('float', 'bf16', 'packed')}
+KINDS = {LINEAR: ('float', 'int8', 'packed'), FFN: ('float', 'int8', 'packed'), ATTENTION: ('float', 'bf16', 'packed')}
 
 
 def _runnable(kind, dtype=torch.float64):
@@ -84,6 +84,39 @@ def test_prelu_epilogue_equals_separate_prelu(M, K, N, C, dtype, slopes):
         assert rel(means.double(), want.view(M, N // E, E).mean(-1)) < tol, kind
 
 
+@pytest.mark.parametrize('M,C,E', [(1, 1, 1), (5, 3, 3), (9, 8, 8), (40, 16, 4), (17, 24, 8), (64, 64, 8)])
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+@pytest.mark.parametrize('slopes', ['below_one', 'any'])
+def test_ffn_kinds_agree(M, C, E, dtype, slopes):
+    # binary_ffn with one kind for both layers; 'packed' hands the hidden signs over in bits where the
+    # slopes (<= 1) and E (1, 2, 4, 8) allow it, else runs both layers packed with floats between them.
+    # Hidden values exactly 0 (sign 0) included.
+    g = torch.Generator().manual_seed(M * 100 + C * 10 + E)
+    H = E * C
+    scale1, bias1 = torch.rand(H, generator=g, dtype=torch.float64) + 0.5, torch.randn(H, generator=g, dtype=torch.float64)
+    scale1[::C], bias1[::C] = 0, 0  # hidden column 0 of each group: 0 * acc + 0 + w[:, 0] = 0 below
+    fc1 = FoldedBinaryLinear(SignBits.from_signs(_ternary((H, C), g)), scale1, bias1, None, dtype)
+    fc2 = FoldedBinaryLinear(SignBits.from_signs(_ternary((C, H), g)), torch.rand(C, generator=g) + 0.5,
+                             torch.randn(C, generator=g), None, dtype)
+    spread = 0.9 if slopes == 'below_one' else 2.0
+    act1 = FoldedPReLU(torch.rand(H, generator=g, dtype=torch.float64) * spread - 0.2, torch.zeros(H), dtype)
+    act2 = FoldedPReLU(torch.rand(C, generator=g, dtype=torch.float64) * spread - 0.2,
+                       torch.randn(C, generator=g, dtype=torch.float64), dtype)
+    w = torch.randn(M, C, generator=g).to(dtype)
+    w[:, 0] = 0
+    want = binary_ffn(fc1, act1, fc2, act2, w, torch.empty(M, C, dtype=dtype), Workspace(w), kind='float').double()
+    for kind in KINDS[FFN]:
+        if not _runnable(kind, dtype):
+            continue
+        out = binary_ffn(fc1, act1, fc2, act2, w, torch.empty(M, C, dtype=dtype), Workspace(w), kind=kind)
+        assert rel(out.double(), want) < (1e-12 if dtype == torch.float64 else 1e-5), kind
+    if _runnable('packed', dtype) and slopes == 'below_one' and E in (1, 2, 4, 8):
+        signs = fc1.run_signs(w, w.view(M, 1, C), Workspace(w), act1)
+        hidden = fc1.run_act(w, w.view(M, 1, C), torch.empty(M, H, dtype=dtype), Workspace(w), act1,
+                             torch.empty(M, H, dtype=dtype), kind='float')
+        assert signs.has_zeros and torch.equal(signs.unpack().double(), hidden.sign().double())
+
+
 @pytest.mark.parametrize('g,N,h,d,Nk', [(1, 1, 1, 1, 1), (2, 5, 3, 7, 9), (1, 17, 2, 64, 65), (3, 30, 1, 16, 300)])
 def test_attention_kinds_agree_on_odd_shapes(g, N, h, d, Nk):
     gen = torch.Generator().manual_seed(N * 100 + Nk)
@@ -105,7 +138,7 @@ def test_attention_kinds_agree_on_odd_shapes(g, N, h, d, Nk):
 
 
 def _deployed_choices():
-    return [c for c in kernels.choices() if c.product in (LINEAR, ATTENTION)]
+    return [c for c in kernels.choices() if c.product in KINDS]
 
 
 @pytest.mark.parametrize('name', ['binaryvit_small_patch4_224', 'binary_deit_small_gap_mb_affine_patch16_224'])
@@ -118,7 +151,7 @@ def test_machine_where_int8_bf16_and_packed_are_slow_runs_float(monkeypatch, nam
         ref = model(x)
     assert rel(deploy(model)(x), ref) < RTOL
     made = _deployed_choices()
-    assert {c.product for c in made} == {LINEAR, ATTENTION}
+    assert {c.product for c in made} == {LINEAR, FFN, ATTENTION}
     assert all(c.kind == 'float' for c in made), [(c.product, c.shape, c.kind) for c in made]
     assert any('int8' in c.times and c.times['int8'] > c.times['float'] for c in made)
     assert any('bf16' in c.times and c.times['bf16'] > c.times['float'] for c in made)
@@ -132,7 +165,7 @@ def test_machine_where_int8_and_bf16_are_fast_uses_them(monkeypatch):
         ref = model(x)
     assert rel(deploy(model)(x), ref) < RTOL
     kinds = {(c.product, c.kind) for c in _deployed_choices()}
-    assert kinds == {(LINEAR, 'int8'), (ATTENTION, 'bf16')}
+    assert kinds == {(LINEAR, 'int8'), (FFN, 'int8'), (ATTENTION, 'bf16')}
 
 
 def test_packed_unavailable_falls_back_to_float(monkeypatch):

@@ -110,6 +110,42 @@ def test_epilogue_scale_bias_out(ext, isa, dtype):
 
 @pytest.mark.parametrize('isa', packed_ops.ISAS)  # each path the CPU runs
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_packed_sign_output(ext, isa, dtype):
+    # packed=True: the signs of the epilogue's result, packed as pack_signs packs them, and the same
+    # group means; partial row panels, partial column panels and words, exact zeros in the result
+    _require_isa(isa)
+    with packed_ops.use_isa(isa):
+        for M, K, N in ((1, 1, 1), (19, 130, 29), (40, 64, 128), (9, 65, 64), (64, 384, 512), (16, 7, 72)):
+            g = torch.Generator().manual_seed(M + K + N)
+            pa, pb = packed_ops.pack_signs(ternary(M, K, True, M)), packed_ops.pack_signs(ternary(N, K, True, N))
+            scale, bias = (torch.rand(N, generator=g) + 0.5).to(dtype), torch.randn(N, generator=g).to(dtype)
+            scale[::3], bias[::3] = 0, 0  # result 0 where the shortcut is 0 too
+            shortcut = torch.randn(M, N, generator=g).to(dtype)
+            shortcut[:, ::3] = 0
+            prelu = (torch.rand(N, generator=g).to(dtype) - 0.2, torch.randn(N, generator=g).to(dtype))
+            prelu[1][::3] = 0
+            E = 8 if N % 8 == 0 else 1
+            means, means_ref = (torch.full((M, N // E), math.nan, dtype=dtype) for _ in range(2))
+            want = packed_ops.sign_gemm(pa, pb, scale, bias, prelu=prelu, shortcut=shortcut, means=means_ref)
+            got = packed_ops.sign_gemm(pa, pb, scale, bias, prelu=prelu, shortcut=shortcut, means=means, packed=True)
+            ref = packed_ops.pack_signs(want)
+            assert bool((want == 0).any()) and got.has_zeros == ref.has_zeros
+            for name in ('neg', 'nz', 'counts'):
+                assert torch.equal(getattr(got, name), getattr(ref, name)), (M, K, N, name)
+            assert torch.equal(got.unpack(), want.sign().float()) and torch.equal(means, means_ref), (M, K, N)
+            torch.testing.assert_close(means, want.view(M, -1, E).mean(-1))
+            if M % 8 == 0 and N % 32 == 0:  # the vectorised means of 4 on full panels too
+                m4 = torch.empty(M, N // 4, dtype=dtype)
+                packed_ops.sign_gemm(pa, pb, scale, bias, means=m4, packed=True)
+                torch.testing.assert_close(m4, packed_ops.sign_gemm(pa, pb, scale, bias).view(M, -1, 4).mean(-1))
+    with pytest.raises(ValueError, match='out is not taken'):
+        packed_ops.sign_gemm(pa, pb, scale, bias, out=torch.empty(M, N, dtype=dtype), packed=True)
+    with pytest.raises(ValueError, match='float result'):
+        packed_ops.sign_gemm(pa, pb, packed=True)
+
+
+@pytest.mark.parametrize('isa', packed_ops.ISAS)  # each path the CPU runs
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('K', (1, 63, 65, 389))
 def test_pack_signs_with_shift_matches_sign(ext, isa, dtype, K):
     _require_isa(isa)

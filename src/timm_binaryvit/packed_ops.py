@@ -25,7 +25,7 @@ import shutil
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -125,10 +125,18 @@ def _ext_or_raise():
     return ext
 
 
+_supported: Optional[Tuple[str, ...]] = None
+
+
 def supported_isas() -> Tuple[str, ...]:
     """The paths this CPU runs, best first (empty when the extension is unavailable)."""
+    global _supported
     ext = _load()
-    return tuple(ISAS[i] for i in ext.supported_isas()) if ext is not None else ()
+    if ext is None:
+        return ()
+    if _supported is None:  # the CPU does not change under a running process
+        _supported = tuple(ISAS[i] for i in ext.supported_isas())
+    return _supported
 
 
 def isa() -> str:
@@ -173,8 +181,16 @@ def _measured_isa(supported: Tuple[str, ...]) -> str:
     return _auto_isa
 
 
+_isa_codes: Dict[Tuple[Optional[str], Optional[str]], int] = {}
+
+
 def _isa_code() -> int:
-    return ISAS.index(isa())
+    # every kernel call asks: keep the answer for each (forced path, environment) seen
+    key = (_isa_override, os.environ.get(ENV_ISA))
+    code = _isa_codes.get(key)
+    if code is None:
+        code = _isa_codes[key] = ISAS.index(isa())
+    return code
 
 
 @contextlib.contextmanager
@@ -347,9 +363,19 @@ def _check_pair(a: PackedSigns, b: PackedSigns):
 
 
 def _run(ext, a: PackedSigns, b: PackedSigns, out3: torch.Tensor, scale, bias3, shortcut=None, prelu=(None, None),
-         means=None):
-    ext.sign_gemm(a.neg, a.nz, a.counts, a.has_zeros, b.neg, b.nz, b.counts, b.has_zeros, a.cols,
-                  out3, scale, bias3, shortcut, prelu[0], prelu[1], means, _isa_code())
+         means=None, signs: Optional[PackedSigns] = None) -> int:
+    return ext.sign_gemm(a.neg, a.nz, a.counts, a.has_zeros, b.neg, b.nz, b.counts, b.has_zeros, a.cols,
+                         out3, scale, bias3, shortcut, prelu[0], prelu[1], means,
+                         *((signs.neg, signs.nz, signs.counts) if signs is not None else (None, None, None)),
+                         _isa_code())
+
+
+def _vector(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # a contiguous 1-D tensor of dtype; per-call conversions cost more than small products, so none
+    # is made where the tensor is one already
+    if t.dtype == dtype and t.dim() == 1 and t.is_contiguous():
+        return t
+    return t.to(dtype).reshape(-1).contiguous()
 
 
 def _out_dtype(scale, bias) -> Optional[torch.dtype]:
@@ -376,7 +402,8 @@ def _make_out(out: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
 def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = None,
               bias: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
               prelu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-              shortcut: Optional[torch.Tensor] = None, means: Optional[torch.Tensor] = None) -> torch.Tensor:
+              shortcut: Optional[torch.Tensor] = None, means: Optional[torch.Tensor] = None,
+              packed: bool = False) -> Union[torch.Tensor, PackedSigns]:
     """``a @ b^T`` for packed ``a (M, K)`` and ``b (N, K)``, exact.
 
     Without ``scale`` and ``bias`` the result is int32; with either, ``y = acc * scale + bias`` in their
@@ -390,6 +417,9 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
     slopes <= 1; :class:`~timm_binaryvit.deploy.runtime.FoldedPReLU`).
     ``means``: a float ``(M, G)`` tensor (unit column stride) that receives the mean of each group of
     ``E = N / G`` consecutive result columns (``E`` is 1, 2, 4 or 8), e.g. a binary FFN's ``pool_E``.
+    ``packed=True`` returns the signs of the float result as :class:`PackedSigns` instead of the
+    result (``out`` is not taken): the input of a following binary layer, made in the epilogue while
+    the result is in registers and the L1 cache, so that the float result is never written.
     """
     ext = _ext_or_raise()
     _check_pair(a, b)
@@ -397,17 +427,25 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
         raise ValueError('sign_gemm takes 2-D operands; use sign_bmm for batched ones')
     M, N = a.rows, b.rows
     dtype = _out_dtype(scale, bias)
-    result = _make_out(out, (M, N), dtype or torch.int32)
+    if packed:
+        if dtype is None:
+            raise ValueError('a packed sign output needs a float result: give scale or bias')
+        if out is not None:
+            raise ValueError('out is not taken with packed=True: the result is returned as PackedSigns')
+        result = torch.empty((1, 1), dtype=dtype).expand(M, N)  # shape and dtype only: never written
+    else:
+        result = _make_out(out, (M, N), dtype or torch.int32)
     scale_t = bias3 = None
     if dtype is not None:
-        scale_t = (torch.ones(N, dtype=dtype) if scale is None else scale.to(dtype).reshape(-1).contiguous())
+        scale_t = torch.ones(N, dtype=dtype) if scale is None else _vector(scale, dtype)
         if scale_t.numel() != N:
             raise ValueError(f'scale must have {N} values (one per output column), got {scale.numel()}')
         if bias is None:
             bias = torch.zeros(N, dtype=dtype)
         if tuple(bias.shape) not in ((N,), (M, N), (1, N)):
             raise ValueError(f'bias must be ({N},) or ({M}, {N}), got {tuple(bias.shape)}')
-        bias = bias.to(dtype)
+        if bias.dtype != dtype:
+            bias = bias.to(dtype)
         if bias.dim() == 2 and bias.shape[1] > 1 and bias.stride(1) != 1:
             bias = bias.contiguous()
         bias3 = bias.expand(M, N).unsqueeze(0)
@@ -418,13 +456,14 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
         if shortcut.dim() != 2 or shortcut.shape[0] != M or not epilogue_repeats(P, N):
             raise ValueError(f'shortcut must be ({M}, P) with P == {N} or a multiple of 8 dividing {N}, '
                              f'got {tuple(shortcut.shape)}')
-        shortcut = shortcut.to(dtype)
+        if shortcut.dtype != dtype:
+            shortcut = shortcut.to(dtype)
         if P > 1 and shortcut.stride(1) != 1:
             shortcut = shortcut.contiguous()
     if prelu is not None:
         if dtype is None:
             raise ValueError('the PReLU epilogue needs a float result: give scale or bias')
-        prelu = tuple(t.to(dtype).reshape(-1).contiguous() for t in prelu)
+        prelu = tuple(_vector(t, dtype) for t in prelu)
         if any(t.numel() != N for t in prelu):
             raise ValueError(f'PReLU slope and offset must have {N} values (one per output column)')
     if means is not None:
@@ -433,6 +472,11 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
                 or not epilogue_groups(N // G) or (G > 1 and means.stride(1) != 1)):
             raise ValueError(f'means must be a ({M}, G) tensor of the result dtype {dtype} with unit column stride, '
                              f'G = {N} / E for E in 1, 2, 4, 8; got {means.dtype} {tuple(means.shape)}')
+    if packed:
+        signs = PackedSigns(*_new_planes(1, M, N), M, N)
+        signs.has_zeros = _run(ext, a, b, result.unsqueeze(0), scale_t, bias3, shortcut, prelu or (None, None), means,
+                               signs) > 0
+        return signs
     _run(ext, a, b, result.unsqueeze(0), scale_t, bias3, shortcut, prelu or (None, None), means)
     return result
 

@@ -72,6 +72,85 @@ AI void group_means(const Block& b) {
   }
 }
 
+// Signs of the block's results as packed bits (the next binary layer's activations), read from the
+// tile the block wrote: for each row and 8-column output panel, one byte of each plane. Panel q of a
+// row is byte q % 8 of that row's word q / 8 (little-endian), so blocks write disjoint bytes and no
+// word is shared between threads. A NaN packs as 0, as pack_signs does.
+template <typename OutT>
+AI void pack_tile(const OutT* tile, int ld, const Block& b, unsigned char* neg, unsigned char* nz) {
+  if constexpr (!std::is_same<OutT, int32_t>::value) {
+    const int64_t col_panel0 = b.col0 / PW;
+    for (int r = 0; r < b.rows; ++r) {
+      const OutT* t = tile + r * ld;
+      for (int c = 0; c * PW < b.cols; ++c) {
+        const int n = std::min(PW, b.cols - c * PW);
+        unsigned n_bits = 0, z_bits = 0;
+        for (int j = 0; j < n; ++j) {
+          const OutT v = t[c * PW + j];
+          n_bits |= static_cast<unsigned>(v < 0) << j;
+          z_bits |= static_cast<unsigned>(v < 0 || v > 0) << j;
+        }
+        const int64_t panel = col_panel0 + c;
+        const int64_t byte = ((panel / 8) * PW + r) * 8 + panel % 8;  // word [k][r], k = panel / 8
+        neg[byte] = static_cast<unsigned char>(n_bits);
+        nz[byte] = static_cast<unsigned char>(z_bits);
+      }
+    }
+  }
+}
+
+#if defined(TBV_X86)
+// The same two steps for float results with AVX2 (AVX-512 CPUs run it too): the signs from compare
+// masks, and the means of a full 8 x 8 panel from a tree of horizontal adds, whose two top levels
+// hold each row's sums of 4 and of 8 columns.
+TGT_AVX2 void finish_float_avx2(const Block& b, unsigned char* neg, unsigned char* nz) {
+  const float* out = static_cast<const float*>(b.out);
+  const __m256 zero = _mm256_setzero_ps();
+  if (neg) {
+    const int64_t col_panel0 = b.col0 / PW;
+    for (int r = 0; r < b.rows; ++r) {
+      for (int c = 0; c * PW < b.cols; ++c) {
+        const unsigned valid = (1u << std::min(PW, b.cols - c * PW)) - 1;
+        const __m256 v = _mm256_loadu_ps(out + r * b.ldo + c * PW);
+        const int64_t panel = col_panel0 + c;
+        const int64_t byte = ((panel / 8) * PW + r) * 8 + panel % 8;
+        neg[byte] = static_cast<unsigned char>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ)) & valid);
+        nz[byte] = static_cast<unsigned char>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ)) & valid);
+      }
+    }
+  }
+  if (!b.means) return;
+  if (b.rows < PW || b.cols % PW || (b.group != 4 && b.group != 8)) {
+    group_means<float>(b);
+    return;
+  }
+  float* means = static_cast<float*>(b.means) + b.col0 / b.group;
+  const float inv = 1.0f / static_cast<float>(b.group);
+  alignas(32) float t[2][PW];
+  for (int c = 0; c * PW < b.cols; ++c) {
+    __m256 row[PW];
+    for (int r = 0; r < PW; ++r) row[r] = _mm256_loadu_ps(out + r * b.ldo + c * PW);
+    const __m256 s0 = _mm256_hadd_ps(row[0], row[1]), s1 = _mm256_hadd_ps(row[2], row[3]);
+    const __m256 s2 = _mm256_hadd_ps(row[4], row[5]), s3 = _mm256_hadd_ps(row[6], row[7]);
+    // rows 0-3 (t0) and 4-7 (t1): [sums of columns 0-3 | sums of columns 4-7]
+    const __m256 t0 = _mm256_hadd_ps(s0, s1), t1 = _mm256_hadd_ps(s2, s3);
+    if (b.group == 8) {
+      const __m256 lo = _mm256_permute2f128_ps(t0, t1, 0x20), hi = _mm256_permute2f128_ps(t0, t1, 0x31);
+      _mm256_store_ps(t[0], _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(inv)));
+      for (int r = 0; r < PW; ++r) means[r * b.ldm + c] = t[0][r];
+    } else {
+      const __m256 g0 = _mm256_permute2f128_ps(t0, t1, 0x20), g1 = _mm256_permute2f128_ps(t0, t1, 0x31);
+      _mm256_store_ps(t[0], _mm256_mul_ps(g0, _mm256_set1_ps(inv)));
+      _mm256_store_ps(t[1], _mm256_mul_ps(g1, _mm256_set1_ps(inv)));
+      for (int r = 0; r < PW; ++r) {
+        means[r * b.ldm + 2 * c] = t[0][r];
+        means[r * b.ldm + 2 * c + 1] = t[1][r];
+      }
+    }
+  }
+}
+#endif
+
 // The shortcut of output column col of the block's row r (period is a multiple of 8 or N, so an
 // aligned run of 8 columns never wraps).
 template <typename OutT>
@@ -146,7 +225,6 @@ void block_portable(const Block& b) {
   int32_t tile[PW * TILE_LD];
   mk_portable<MODE>(b, tile);
   epilogue<OutT>(tile, b);
-  group_means<OutT>(b);
 }
 
 #if defined(TBV_X86)
@@ -157,7 +235,6 @@ TGT_POPCNT void block_portable_popcnt(const Block& b) {
   int32_t tile[PW * TILE_LD];
   mk_portable<MODE>(b, tile);
   epilogue<OutT>(tile, b);
-  group_means<OutT>(b);
 }
 
 // ---- AVX2: nibble-LUT popcount (vpshufb) into byte counters, vpsadbw every <= 31 words
@@ -296,7 +373,6 @@ TGT_AVX2 AI void mk_avx2(const Block& b) {
 template <int MODE, int C, typename OutT>
 TGT_AVX2 void block_avx2(const Block& b) {
   mk_avx2<MODE, OutT>(b);
-  group_means<OutT>(b);
 }
 
 // ---- AVX-512 VPOPCNTDQ: 8 rows x C panels (8 C columns) of 64-bit lane counters; the epilogue
@@ -312,13 +388,17 @@ TGT_AVX512 AI void store8_avx512(__m512i v, OutT* out, const OutT* scale, const 
     __m256 r = _mm256_fmadd_ps(f, _mm256_maskz_loadu_ps(m, scale), _mm256_maskz_loadu_ps(m, bias));
     if (shortcut) r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(m, shortcut));
     if (slope) r = _mm256_max_ps(r, _mm256_fmadd_ps(r, _mm256_maskz_loadu_ps(m, slope), _mm256_maskz_loadu_ps(m, offset)));
-    _mm256_mask_storeu_ps(out, m, r);
+    // a plain store where it can: a load of the result (the means, the packed signs) cannot be
+    // forwarded from a masked store and would wait for it to reach the cache
+    if (m == 0xff) _mm256_storeu_ps(out, r);
+    else _mm256_mask_storeu_ps(out, m, r);
   } else {
     const __m512d f = _mm512_cvtepi64_pd(v);
     __m512d r = _mm512_fmadd_pd(f, _mm512_maskz_loadu_pd(m, scale), _mm512_maskz_loadu_pd(m, bias));
     if (shortcut) r = _mm512_add_pd(r, _mm512_maskz_loadu_pd(m, shortcut));
     if (slope) r = _mm512_max_pd(r, _mm512_fmadd_pd(r, _mm512_maskz_loadu_pd(m, slope), _mm512_maskz_loadu_pd(m, offset)));
-    _mm512_mask_storeu_pd(out, m, r);
+    if (m == 0xff) _mm512_storeu_pd(out, r);
+    else _mm512_mask_storeu_pd(out, m, r);
   }
 }
 
@@ -388,11 +468,48 @@ TGT_AVX512 void block_avx512(const Block& b) {
                           slope ? slope + PW * c : nullptr, slope ? offset + PW * c : nullptr, masks[c]);
     }
   }
-  group_means<OutT>(b);
 }
 #endif  // TBV_X86
 
+// Each row's count of nonzeros from the nz plane; returns how many of the M rows have a zero.
+AI int64_t count_rows(const u64* nz, int64_t panels, int64_t Kw, int64_t M, int64_t N, int32_t* cnt) {
+  int64_t with_zero = 0;
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int r = 0; r < PW; ++r) {
+      int32_t count = 0;
+      for (int64_t k = 0; k < Kw; ++k) count += __builtin_popcountll(nz[(p * Kw + k) * PW + r]);
+      cnt[p * PW + r] = count;
+      if (p * PW + r < M && count != N) ++with_zero;
+    }
+  }
+  return with_zero;
+}
+
+#if defined(TBV_X86)
+// the same with the POPCNT instruction (see block_portable_popcnt)
+TGT_POPCNT int64_t count_rows_popcnt(const u64* nz, int64_t panels, int64_t Kw, int64_t M, int64_t N, int32_t* cnt) {
+  return count_rows(nz, panels, Kw, M, N, cnt);
+}
+#endif
+
+int64_t count_nonzeros(const u64* nz, int64_t panels, int64_t Kw, int64_t M, int64_t N, int32_t* cnt, bool popcnt) {
+#if defined(TBV_X86)
+  if (popcnt) return count_rows_popcnt(nz, panels, Kw, M, N, cnt);
+#endif
+  (void)popcnt;
+  return count_rows(nz, panels, Kw, M, N, cnt);
+}
+
 using BlockFn = void (*)(const Block&);
+// After a block: the means of its column groups and its signs as packed bits (neg null: none), both
+// read from the results just written to b.out (still in the L1 cache).
+using FinishFn = void (*)(const Block&, unsigned char*, unsigned char*);
+
+template <typename OutT>
+void finish_portable(const Block& b, unsigned char* neg, unsigned char* nz) {
+  if (neg) pack_tile<OutT>(static_cast<const OutT*>(b.out), static_cast<int>(b.ldo), b, neg, nz);
+  group_means<OutT>(b);
+}
 
 // Blocks of 1..cmax panels for one (isa, mode, output type).
 template <int MODE, typename OutT>
@@ -440,15 +557,21 @@ int block_table_mode(int isa, int mode, BlockFn* fns) {
 // column stride, E = N / G dividing 8), also means[i, g] = the mean of out[i, g E .. g E + E - 1].
 // a planes (Ba, P, Kw, 8) and b planes (Bb, Q, Kw, 8), Ba and Bb each 1 or the batch of out;
 // out (batch, M, N) with unit column stride; bias expanded to out's shape (zero strides allowed).
-void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch::Tensor& acnt, bool a_zeros,
+int64_t sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch::Tensor& acnt, bool a_zeros,
                const torch::Tensor& bneg, const torch::Tensor& bnz, const torch::Tensor& bcnt, bool b_zeros,
                int64_t K, torch::Tensor out, const c10::optional<torch::Tensor>& scale,
                const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& shortcut,
                const c10::optional<torch::Tensor>& prelu_slope, const c10::optional<torch::Tensor>& prelu_offset,
-               const c10::optional<torch::Tensor>& means, int64_t isa) {
+               const c10::optional<torch::Tensor>& means, const c10::optional<torch::Tensor>& signs_neg,
+               const c10::optional<torch::Tensor>& signs_nz, const c10::optional<torch::Tensor>& signs_cnt,
+               int64_t isa) {
   check_isa(isa);
   check_planes(aneg, "a.neg"); check_planes(anz, "a.nz"); check_planes(bneg, "b.neg"); check_planes(bnz, "b.nz");
-  TORCH_CHECK(out.dim() == 3 && out.stride(2) == 1, "out must be 3-D with unit column stride");
+  const bool to_signs = signs_neg.has_value();
+  TORCH_CHECK(to_signs == signs_nz.has_value() && to_signs == signs_cnt.has_value(),
+              "packed sign output needs neg, nz and cnt");
+  // With a packed sign output, out only gives the result's shape and dtype (it may have zero strides).
+  TORCH_CHECK(out.dim() == 3 && (out.stride(2) == 1 || to_signs), "out must be 3-D with unit column stride");
   const int64_t batch = out.size(0), M = out.size(1), N = out.size(2);
   const int64_t Kw = aneg.size(2), P = aneg.size(1), Q = bneg.size(1);
   TORCH_CHECK(bneg.size(2) == Kw && Kw == (K + 63) / 64, "a and b disagree on the packed K");
@@ -490,7 +613,17 @@ void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch:
       TORCH_CHECK(t->scalar_type() == dtype && t->dim() == 1 && t->size(0) == N && t->is_contiguous(),
                   "PReLU slope and offset must be contiguous (N,) tensors of out's dtype");
   }
-  if (M == 0 || N == 0 || batch == 0) return;
+  if (to_signs) {
+    TORCH_CHECK(is_float && batch == 1, "a packed sign output needs a float result of batch 1");
+    check_planes(*signs_neg, "signs.neg");
+    check_planes(*signs_nz, "signs.nz");
+    TORCH_CHECK(signs_neg->size(0) == 1 && signs_neg->sizes() == signs_nz->sizes() &&
+                signs_neg->size(1) == (M + PW - 1) / PW && signs_neg->size(2) == (N + 63) / 64,
+                "signs planes must be (1, ceil(M / 8), ceil(N / 64), 8)");
+    TORCH_CHECK(signs_cnt->scalar_type() == torch::kInt32 && signs_cnt->is_contiguous() &&
+                signs_cnt->numel() == signs_neg->size(1) * PW, "signs cnt must be contiguous int32 (8 ceil(M / 8))");
+  }
+  if (M == 0 || N == 0 || batch == 0) return 0;
   const int mode = (a_zeros ? 1 : 0) + (b_zeros ? 2 : 0);
 
   BlockFn fns[3];
@@ -522,7 +655,21 @@ void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch:
   const char* slope0 = prelu_slope.has_value() ? static_cast<const char*>(prelu_slope->data_ptr()) : nullptr;
   const char* offset0 = prelu_offset.has_value() ? static_cast<const char*>(prelu_offset->data_ptr()) : nullptr;
 
+  FinishFn finish = dtype == torch::kFloat64 ? finish_portable<double> : finish_portable<float>;
+#if defined(TBV_X86)
+  if (dtype == torch::kFloat32 && isa >= ISA_AVX2) finish = finish_float_avx2;
+#endif
+  const bool finishing = to_signs || means.has_value();
+  const int64_t Kw_out = to_signs ? signs_neg->size(2) : 0;
+  unsigned char* sneg0 = to_signs ? reinterpret_cast<unsigned char*>(signs_neg->data_ptr<int64_t>()) : nullptr;
+  unsigned char* snz0 = to_signs ? reinterpret_cast<unsigned char*>(signs_nz->data_ptr<int64_t>()) : nullptr;
+  if (to_signs && (M % PW || N % 64)) {  // padding rows and columns are 0; blocks write only real ones
+    signs_neg->zero_();
+    signs_nz->zero_();
+  }
+
   at::parallel_for(0, batch * Pm * chunks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) double tile[PW * TILE_LD];  // a block's float results on their way to packed signs
     for (int64_t it = begin; it < end; ++it) {
       const int64_t bi = it / (Pm * chunks), p = (it / chunks) % Pm, ch = it % chunks;
       Block blk;
@@ -558,10 +705,20 @@ void sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch:
             blk.offset = offset0 + esize * (q * PW);
           }
         }
+        if (to_signs) {
+          blk.out = tile;
+          blk.ldo = TILE_LD;
+        }
         fns[c - 1](blk);
+        if (finishing) {
+          const int64_t at = p * Kw_out * PW * 8;  // the row panel's first byte of the packed signs
+          finish(blk, to_signs ? sneg0 + at : nullptr, to_signs ? snz0 + at : nullptr);
+        }
       }
     }
   });
+  if (!to_signs) return 0;
+  return count_nonzeros(words(*signs_nz), Pm, Kw_out, M, N, signs_cnt->data_ptr<int32_t>(), has_popcnt());
 }
 
 std::vector<int64_t> supported_isas() {

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..blocks import Block
 from .folding import affine, bn_affine, f64, fold_unit, rprelu
-from .runtime import Folded, FoldedPReLU, Workspace, attention_context
+from .runtime import Folded, FoldedPReLU, Workspace, attention_context, binary_ffn
 
 __all__ = ['DeployedBlock']
 
@@ -30,9 +30,8 @@ class DeployedBlock(Folded):
     Names: ``Y* = P* + c*`` where ``P*`` is a PReLU output and ``c*`` the shift of the sign that
     reads it, so each sign is taken of a tensor as it is.
 
-    Each layer runs in chunks of tokens sized so that all of a chunk's tensors (the FFN's
-    ``E * C``-wide hidden activations included) stay in the CPU caches, in buffers reused by every
-    layer of a stage.
+    Each layer runs in chunks of tokens (:attr:`chunk_elements`), in buffers reused by every layer
+    of a stage.
     """
 
     def __init__(self, block: Block, dtype: torch.dtype, device: torch.device):
@@ -111,8 +110,9 @@ class DeployedBlock(Folded):
         self.affine2 = not isinstance(block.affine2, nn.Identity)
 
     #: Token rows per chunk are chosen so that a chunk's FFN hidden activations hold about this many
-    #: values: every tensor of a chunk then stays in the CPU caches between the passes over it.
-    chunk_elements = 2 ** 19
+    #: values. Smaller chunks keep every tensor of a chunk in the L2 cache, but each chunk costs a
+    #: kernel call per product, and the packed FFN never writes its hidden activations at all.
+    chunk_elements = 2 ** 21
 
     def _chunks(self, rows: int, unit: int, width: int) -> List[Tuple[int, int]]:
         size = max(unit, (self.chunk_elements // width) // unit * unit)
@@ -193,11 +193,7 @@ class DeployedBlock(Folded):
             _add_branch(xc, yo, self.affine1, self.affine1_alpha, self.residual1)
             w = torch.addcmul(self.norm2_shift, xc, self.norm2_scale,
                               out=wfull[r0:r1] if wfull is not None else ws('u', n, C))
-            # shortcut [w, w, ..., w]; pool_E (the mean of E consecutive channels) is fc2's shortcut
-            pooled = ws('pool', n, C)
-            hidden = self.fc1.run_act(w, w.view(n, 1, C), ws('hidden', n, E * C), ws, self.act1, ws('htmp', n, E * C),
-                                      means=pooled)
-            y2 = self.fc2.run_act(hidden, pooled, ws('y2', n, C), ws, self.act2, tmp, overwrite_input=True)
+            y2 = binary_ffn(self.fc1, self.act1, self.fc2, self.act2, w, ws('y2', n, C), ws)
             _add_branch(xc, y2, self.affine2, self.affine2_alpha, self.residual2)
 
     def forward(self, x: torch.Tensor, feat_size: Tuple[int, int], ws: Workspace) -> torch.Tensor:

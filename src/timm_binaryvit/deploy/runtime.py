@@ -10,6 +10,11 @@ without it, bfloat16 matmuls are slow without AVX-512 BF16):
   weight ``scale * W``), ``int8`` (int8 signs, exact int32 ``torch._int_mm``, scaled afterwards),
   ``packed`` (:mod:`timm_binaryvit.packed_ops`: fused shift-sign-pack of the activations and an
   XNOR-popcount GEMM whose epilogue applies scale and bias).
+* ``deploy_ffn``, shape ``(M, C, E)``: a binary FFN (:func:`binary_ffn`), ``C -> E C -> C`` with its
+  PReLUs and the ``pool_E`` shortcut, as one product with one kind for both layers. Kinds: ``float``,
+  ``int8`` as for ``deploy_linear``; ``packed``, where the first layer's epilogue writes the signs of
+  its result straight into packed bits for the second (with the ``pool_E`` means), so the ``E C``-wide
+  hidden activations are never written as floats.
 * ``deploy_attention``, shape ``(B * heads, N, d, N_k)``: ``sign(q) sign(k)^T`` and the binarised
   probabilities (0 / 1) times ``sign(v)``. Kinds: ``float``; ``bf16`` where it is exact (the
   products are integers of magnitude at most ``max(d, N_k)``, exact in bfloat16 up to 256);
@@ -26,11 +31,12 @@ from torch import nn
 
 from .. import kernels, packed_ops
 
-__all__ = ['LINEAR', 'ATTENTION', 'BF16_EXACT', 'choose_kind', 'SignBits', 'pack_bits', 'unpack_bits',
-           'Workspace', 'Folded', 'FoldedPReLU', 'FoldedBinaryLinear', 'FoldedPatchConv', 'attention_context',
+__all__ = ['LINEAR', 'FFN', 'ATTENTION', 'BF16_EXACT', 'choose_kind', 'SignBits', 'pack_bits', 'unpack_bits',
+           'Workspace', 'Folded', 'FoldedPReLU', 'FoldedBinaryLinear', 'FoldedPatchConv', 'binary_ffn', 'attention_context',
            'patches']
 
 LINEAR = 'deploy_linear'
+FFN = 'deploy_ffn'
 ATTENTION = 'deploy_attention'
 #: bfloat16 holds every integer of magnitude up to 256 exactly.
 BF16_EXACT = 256
@@ -206,6 +212,8 @@ class FoldedBinaryLinear(Folded):
         also the mean of each group of ``N / G`` consecutive columns of the result into it. Where the
         product runs packed and every slope is <= 1, the PReLU (and the means, for groups of 1, 2, 4
         or 8) are the packed kernel's epilogue: passes over ``out`` and ``tmp`` saved."""
+        if isinstance(x, packed_ops.PackedSigns):
+            kind = 'packed'
         kind = kind or choose_kind(LINEAR, (x.shape[0], x.shape[1], self.out_features), x)
         group = out.shape[1] // means.shape[1] if means is not None else 0
         prelu_inside = kind == 'packed' and not act.general
@@ -219,6 +227,32 @@ class FoldedBinaryLinear(Folded):
             torch.mm(out.view(-1, group), out.new_full((group, 1), 1.0 / group), out=means.view(-1, 1))
         return out
 
+    def signs_after(self, act: 'FoldedPReLU', group: int = 1) -> bool:
+        """Whether :meth:`run_signs` can run with ``act`` after the product and means of ``group`` columns."""
+        return not act.general and packed_ops.epilogue_groups(group)
+
+    def run_signs(self, x, shortcut: torch.Tensor, ws: Workspace, act: 'FoldedPReLU',
+                  means: Optional[torch.Tensor] = None) -> 'packed_ops.PackedSigns':
+        """The signs of :meth:`run_act`'s result (``kind='packed'``), packed for the next binary layer by the
+        kernel's epilogue: the float result is never written. ``x`` may be packed already. Needs
+        :meth:`signs_after`."""
+        M = x.rows if isinstance(x, packed_ops.PackedSigns) else x.shape[0]
+        period = shortcut.shape[-1]
+        if not self.signs_after(act, self.out_features // means.shape[1] if means is not None else 1):
+            raise ValueError('packed sign output needs PReLU slopes <= 1 and means of 1, 2, 4 or 8 columns')
+        rows = shortcut.reshape(M, -1)
+        if not packed_ops.epilogue_repeats(period, self.out_features):
+            rows = ws('repeated', M, self.out_features).view(M, -1, period).copy_(shortcut.view(M, 1, -1)).view(M, -1)
+        return packed_ops.sign_gemm(self._packed_input(x), self.weight_form('packed'), self.scale, self.bias,
+                                    prelu=(act.slope, act.offset), shortcut=rows, means=means, packed=True)
+
+    def _packed_input(self, x) -> 'packed_ops.PackedSigns':
+        if isinstance(x, packed_ops.PackedSigns):
+            if self.in_shift is not None:
+                raise ValueError('packed input signs cannot take this layer\'s input shift')
+            return x
+        return packed_ops.pack_signs(x, self.in_shift)
+
     def run(self, x: torch.Tensor, shortcut: torch.Tensor, out: torch.Tensor, ws: Workspace,
             overwrite_input: bool = False, kind: Optional[str] = None,
             prelu: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
@@ -227,8 +261,12 @@ class FoldedBinaryLinear(Folded):
         or ``(M, 1, C)`` broadcast over ``out`` viewed as ``(M, -1, C)``. ``overwrite_input`` lets it take
         the signs in place in ``x``. ``kind`` forces a kernel (default: :func:`choose_kind`); ``prelu`` and
         ``means`` (packed only) are :func:`~timm_binaryvit.packed_ops.sign_gemm`'s epilogue."""
-        M, K = x.shape
-        kind = kind or choose_kind(LINEAR, (M, K, self.out_features), x)
+        if isinstance(x, packed_ops.PackedSigns):  # signs from the previous layer's epilogue
+            M, K = x.rows, x.cols
+            kind = 'packed'
+        else:
+            M, K = x.shape
+            kind = kind or choose_kind(LINEAR, (M, K, self.out_features), x)
         if (prelu is not None or means is not None) and kind != 'packed':
             raise ValueError(f'the PReLU and means epilogue runs in the packed kernel only, not {kind!r}')
         if kind == 'packed':
@@ -238,7 +276,7 @@ class FoldedBinaryLinear(Folded):
                 # a repeat the kernel cannot read in place: spelled out in out, which may be the shortcut
                 # (the epilogue reads each element before it writes it)
                 rows = out.view(M, -1, rows.shape[1]).copy_(shortcut.view(M, 1, -1)).view(M, -1)
-            packed_ops.sign_gemm(packed_ops.pack_signs(x, self.in_shift), self.weight_form('packed'), self.scale,
+            packed_ops.sign_gemm(self._packed_input(x), self.weight_form('packed'), self.scale,
                                  self.bias, out=out, prelu=prelu, shortcut=rows, means=means)
             return out
         # the shortcut first: it may be x itself, whose signs may then be taken in place
@@ -255,6 +293,24 @@ class FoldedBinaryLinear(Folded):
         else:
             out.addmm_(self._signs(x, ws, overwrite_input), self.weight_form('float').t())
         return out
+
+
+def binary_ffn(fc1: FoldedBinaryLinear, act1: FoldedPReLU, fc2: FoldedBinaryLinear, act2: FoldedPReLU,
+               w: torch.Tensor, out: torch.Tensor, ws: Workspace, kind: Optional[str] = None) -> torch.Tensor:
+    """A folded binary FFN on ``w (M, C)`` into ``out (M, C)``: ``t = act1(fc1(w) + [w]*E)``, then
+    ``act2(fc2(t) + pool_E(t))``, with the kernel ``kind`` for both layers (default: :func:`choose_kind`
+    of :data:`FFN`). ``packed`` hands the hidden signs from the first layer's epilogue to the second
+    where the PReLU and the means allow it (:meth:`FoldedBinaryLinear.signs_after`)."""
+    M, C = w.shape
+    E = fc1.out_features // C
+    kind = kind or choose_kind(FFN, (M, C, E), w)
+    pooled = ws('pool', M, C)
+    if kind == 'packed' and fc1.signs_after(act1, E):
+        hidden = fc1.run_signs(w, w.view(M, 1, C), ws, act1, means=pooled)
+        return fc2.run_act(hidden, pooled, out, ws, act2, ws('tmp', M, C))
+    hidden = fc1.run_act(w, w.view(M, 1, C), ws('hidden', M, E * C), ws, act1, ws('htmp', M, E * C), kind=kind,
+                         means=pooled)
+    return fc2.run_act(hidden, pooled, out, ws, act2, ws('tmp', M, C), overwrite_input=True, kind=kind)
 
 
 class FoldedPatchConv(Folded):
@@ -335,18 +391,37 @@ def _random(shape, dtype, device, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+def _random_layer(K: int, N: int, in_shift: bool, dtype, device, seed: int):
+    # a folded binary layer and the PReLU after it, with slopes in [0, 1) as trained ones mostly are
+    signs = SignBits.from_signs(torch.sign(_random((N, K), torch.float64, 'cpu', seed)))
+    layer = FoldedBinaryLinear(signs, _random((N,), torch.float64, 'cpu', seed + 1).abs(),
+                               _random((N,), torch.float64, 'cpu', seed + 2),
+                               _random((K,), torch.float64, 'cpu', seed + 3) if in_shift else None, dtype).to(device)
+    slope = torch.rand(N, generator=torch.Generator().manual_seed(seed + 4), dtype=torch.float64)
+    return layer, FoldedPReLU(slope, _random((N,), torch.float64, 'cpu', seed + 5), dtype).to(device)
+
+
 def _make_linear(kind: str):
     def make(shape, dtype, device):
+        # as the model runs it: input shift, the shortcut of the output's shape, then the PReLU
         M, K, N = (int(s) for s in shape)
-        signs = SignBits.from_signs(torch.sign(_random((N, K), torch.float64, 'cpu', 0)))
-        layer = FoldedBinaryLinear(signs, _random((N,), torch.float64, 'cpu', 1).abs(),
-                                   _random((N,), torch.float64, 'cpu', 2), _random((K,), torch.float64, 'cpu', 3),
-                                   dtype).to(device)
-        x, out = _random((M, K), dtype, device, 4), torch.empty(M, N, dtype=dtype, device=device)
-        zero = torch.zeros((), dtype=dtype, device=device).expand(M, N)  # the shortcut pass, without its memory
+        layer, act = _random_layer(K, N, True, dtype, device, 0)
+        x, shortcut = _random((M, K), dtype, device, 10), _random((M, N), dtype, device, 11)
+        out, tmp = torch.empty(M, N, dtype=dtype, device=device), torch.empty(M, N, dtype=dtype, device=device)
         ws = Workspace(x)
         layer.weight_form(kind)  # made once at the first call, as in the model
-        return lambda: layer.run(x, zero, out, ws, kind=kind)
+        return lambda: layer.run_act(x, shortcut, out, ws, act, tmp, kind=kind)
+    return make
+
+
+def _make_ffn(kind: str):
+    def make(shape, dtype, device):
+        M, C, E = (int(s) for s in shape)
+        fc1, act1 = _random_layer(C, E * C, False, dtype, device, 0)
+        fc2, act2 = _random_layer(E * C, C, False, dtype, device, 20)
+        w, out = _random((M, C), dtype, device, 40), torch.empty(M, C, dtype=dtype, device=device)
+        ws = Workspace(w)
+        return lambda: binary_ffn(fc1, act1, fc2, act2, w, out, ws, kind=kind)
     return make
 
 
@@ -400,5 +475,8 @@ kernels.register(LINEAR, 'float', _make_linear('float'))
 kernels.register(LINEAR, 'int8', _make_linear('int8'), _int8_unavailable)
 # the layer's own run() with its shortcut pass, as the float and int8 candidates do
 kernels.register(LINEAR, 'packed', _make_linear('packed'), _packed_unavailable)
+kernels.register(FFN, 'float', _make_ffn('float'))
+kernels.register(FFN, 'int8', _make_ffn('int8'), _int8_unavailable)
+kernels.register(FFN, 'packed', _make_ffn('packed'), _packed_unavailable)
 kernels.register(ATTENTION, 'float', _make_attention('float'))
 kernels.register(ATTENTION, 'bf16', _make_attention('bf16'), _bf16_unavailable)
