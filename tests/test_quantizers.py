@@ -1,6 +1,8 @@
 """Each binariser's pseudo-gradient, checked against a float64 reference written here with stock
 autograd only (``torch.where`` formulas of the paper's rules and straight-through compositions), never
 with the package's own helpers. Runs on a fresh clone (no ../shared needed)."""
+import os
+
 import pytest
 import torch
 
@@ -34,13 +36,45 @@ def test_approx_sign_forward_and_ste_gradient():
     torch.testing.assert_close(x.grad, _approx_sign_reference_grad(g, x.detach()), rtol=0, atol=1e-15)
 
 
+@pytest.fixture(params=['one_pass', 'stock'])
+def path(request, monkeypatch):
+    """The compiled one-pass kernels (CPU, extension built) or the stock operators they stand in for."""
+    if request.param == 'stock':
+        monkeypatch.setattr(quantizers, 'one_pass_kernels', lambda *tensors: None)
+        monkeypatch.setattr(layers, 'one_pass_kernels', lambda *tensors: None)
+    elif quantizers.one_pass_kernels(torch.zeros(1, dtype=DT)) is None:
+        from timm_binaryvit import packed_ops
+        reason = f'compiled extension unavailable: {packed_ops.unavailable_reason()}'
+        if os.environ.get('CI', '').lower() == 'true':
+            pytest.fail(reason + '; CI=true requires it')
+        pytest.skip(reason)
+    return request.param
+
+
 @pytest.mark.parametrize('doubled', [False, True])
-def test_approx_sign_backward_matches_reference(doubled):
-    x = _inputs(7, 9, scale=1.5)
-    g = torch.randn(7, 9, dtype=DT)
-    expected = _approx_sign_reference_grad(g, x)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_approx_sign_backward_matches_reference(doubled, dtype, path):
+    x = _inputs(37, 9, scale=1.5).to(dtype)
+    x[1, 1] = float('nan')  # stays NaN, as clamp and abs keep it
+    g = torch.randn(37, 9, dtype=DT).to(dtype)
+    expected = _approx_sign_reference_grad(g.double(), x.double())
+    expected[1, 1] = float('nan')
     got = quantizers.approx_sign_backward_(g * 2 if doubled else g.clone(), x.clone(), doubled=doubled)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-15)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-15 if dtype == DT else 1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_prelu_backward_and_its_sums_match_stock_autograd(dtype, path):
+    z = _inputs(301, 13, seed=3).to(dtype).requires_grad_()  # rows over several threads' tasks; z = 0 included
+    slope = (torch.rand(13, dtype=DT) * 1.5 - 0.25).to(dtype).requires_grad_()
+    g = torch.randn(301, 13, dtype=DT).to(dtype)
+    torch.nn.functional.prelu(z, slope).backward(g)
+    grad_z, grad_slope, grad_sum = layers._prelu_backward(g, z.detach(), slope.detach(), True, need_sum=True)
+    tol = dict(rtol=0, atol=1e-12) if dtype == DT else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad_z, z.grad, rtol=0, atol=0)  # per element: exactly grad or slope * grad
+    torch.testing.assert_close(grad_slope, slope.grad, **tol)
+    torch.testing.assert_close(grad_sum, z.grad.sum(0), **tol)
 
 
 def test_shifted_sign_function_matches_reference():

@@ -200,9 +200,9 @@ class _NormAddRPReLU(torch.autograd.Function):
                 grad_sign_shift = g.sum(0) if need[7] else None
                 grad = g.add_(grad)
             del out
-        grad_v, grad_slope, scratch = _prelu_backward(grad, v, slope, need[5], return_scratch=True)
+        grad_v, grad_slope, grad_v_sum, scratch = _prelu_backward(grad, v, slope, need[5], return_scratch=True,
+                                                                  need_sum=True)
         del v
-        grad_v_sum = grad_v.sum(0)
         grad_y, grad_weight, grad_bias = batchnorm_backward(
             grad_v, y2, mean, invstd, weight, ctx.batch, need[2], grad_v_sum, scratch=scratch)
         return (grad_y.view(y.shape), grad_v.view(shortcut.shape) if need[1] else None, grad_weight,

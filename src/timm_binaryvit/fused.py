@@ -338,9 +338,8 @@ class _BinaryFFN(torch.autograd.Function):
             grad_beta = grad.sum(0) if need[16] else None
             grad = grad * alpha
         grad_act2_out = grad.sum(0) if need[14] else None
-        grad_v2, grad_slope2 = _prelu_backward(grad, v2, act2_slope, need[13])
+        grad_v2, grad_slope2, sum_v2 = _prelu_backward(grad, v2, act2_slope, need[13], need_sum=True)
         del grad
-        sum_v2 = grad_v2.sum(0)
         grad_y2, grad_bn2_weight, grad_bn2_bias = batchnorm_backward(
             grad_v2, y2, mean2, invstd2, bn2_weight, batch2, need[10], sum_v2)
 
@@ -383,11 +382,11 @@ class _BinaryFFN(torch.autograd.Function):
             del u
             grad_shift2.add_(gt.sum(0))
             gt.view(m, C, E).add_(grad_v2[r0:r1].unsqueeze(-1), alpha=1. / E)  # through pool(t)
-            gz, gslope = _prelu_backward(gt, z, act1_slope, need[6])
+            gz, gslope, gz_sum = _prelu_backward(gt, z, act1_slope, need[6], need_sum=True)
             del gt, z
             if gslope is not None:
                 grad_slope1.add_(gslope)
-            sum_z.add_(gz.sum(0))
+            sum_z.add_(gz_sum)
             torch.sum(gz.view(m, E, C), 1, out=grad_repeat[r0:r1])
             if not whole:
                 grad_s1_signs.addmm_(gz.t(), s1f)

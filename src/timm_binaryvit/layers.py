@@ -25,8 +25,8 @@ from timm.layers import register_notrace_module
 from .dispatch import _outside_autocast, _sign_mm, sign_mm_kind, sign_product, use_custom_autograd
 from .quantizers import (
     approx_sign, approx_sign_backward_, centred_sign_backward, centred_sign_factors, centred_sign_weight,
-    elastic_backward, elastic_binarize_ste, elastic_binarize_value, scaled_sign_backward, scaled_sign_factors,
-    scaled_sign_weight)
+    elastic_backward, elastic_binarize_ste, elastic_binarize_value, one_pass_kernels, scaled_sign_backward,
+    scaled_sign_factors, scaled_sign_weight)
 
 __all__ = [
     'shifted_sign', 'binarize_linear_weight', 'binarize_conv_weight', 'binary_linear', 'binary_conv2d',
@@ -209,17 +209,28 @@ def elastic_binarize(p: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _prelu_backward(grad: torch.Tensor, z: torch.Tensor, slope: torch.Tensor, need_slope: bool,
-                    return_scratch: bool = False):
-    # PReLU(z) = z (z > 0), slope * z (z <= 0), on (M, C) rows: (grad_z, grad_slope). Uses neither
-    # torch.where nor aten's prelu backward, both slow on the CPU with a broadcast slope. With
-    # return_scratch, also a spare tensor of z's shape that the caller may overwrite.
+                    return_scratch: bool = False, need_sum: bool = False):
+    # PReLU(z) = z (z > 0), slope * z (z <= 0), on (M, C) rows: (grad_z, grad_slope, grad_z.sum(0) if
+    # need_sum else None). On the CPU one compiled pass (quantizers.one_pass_kernels); otherwise stock
+    # operators, neither torch.where nor aten's prelu backward (both slow on the CPU with a broadcast
+    # slope). With return_scratch, also a spare tensor of z's shape that the caller may overwrite.
+    ext = one_pass_kernels(grad, z) if grad.dim() == 2 and slope.is_contiguous() else None
+    if ext is not None and slope.dtype == grad.dtype and slope.dim() == 1 and slope.numel() == grad.shape[1]:
+        grad_z = torch.empty_like(grad)
+        grad_slope = grad.new_empty(grad.shape[1]) if need_slope else None
+        grad_sum = grad.new_empty(grad.shape[1]) if need_sum else None
+        ext.prelu_backward(grad, z, slope, grad_z, grad_slope, grad_sum)
+        if return_scratch:
+            return grad_z, grad_slope, grad_sum, torch.empty_like(grad)
+        return grad_z, grad_slope, grad_sum
     grad_z = torch.ops.aten.hardtanh_backward(grad, z, 0., math.inf)  # grad where z > 0
     grad_neg = grad - grad_z
     grad_z.addcmul_(grad_neg, slope)  # exactly grad (z > 0) or slope * grad (z <= 0)
     grad_slope = grad_neg.mul_(z).sum(0) if need_slope else None
+    grad_sum = grad_z.sum(0) if need_sum else None
     if return_scratch:
-        return grad_z, grad_slope, grad_neg
-    return grad_z, grad_slope
+        return grad_z, grad_slope, grad_sum, grad_neg
+    return grad_z, grad_slope, grad_sum
 
 
 class _RPReLU(torch.autograd.Function):
@@ -233,8 +244,9 @@ class _RPReLU(torch.autograd.Function):
     def backward(ctx, grad):
         x, shift_in, slope = ctx.saved_tensors
         grad = _rows(grad)
-        grad_x, grad_slope = _prelu_backward(grad, _rows(x) - shift_in, slope, ctx.needs_input_grad[2])
-        grad_shift_in = -grad_x.sum(0) if ctx.needs_input_grad[1] else None
+        grad_x, grad_slope, grad_x_sum = _prelu_backward(grad, _rows(x) - shift_in, slope, ctx.needs_input_grad[2],
+                                                         need_sum=ctx.needs_input_grad[1])
+        grad_shift_in = -grad_x_sum if ctx.needs_input_grad[1] else None
         grad_shift_out = grad.sum(0) if ctx.needs_input_grad[3] else None
         return grad_x.view(x.shape), grad_shift_in, grad_slope, grad_shift_out
 

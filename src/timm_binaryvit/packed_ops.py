@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 __all__ = [
-    'ENV_DISABLE', 'ENV_ISA', 'ISAS', 'PackedSigns', 'available', 'unavailable_reason', 'isa', 'supported_isas',
+    'ENV_DISABLE', 'ENV_ISA', 'ISAS', 'PackedSigns', 'extension', 'available', 'unavailable_reason', 'isa', 'supported_isas',
     'use_isa', 'pack_signs', 'pack_signs_transposed', 'pack_sign_values', 'pack_mask', 'from_sign_bits',
     'sign_gemm', 'sign_bmm', 'mask_sign_bmm', 'register_candidates', 'epilogue_repeats', 'epilogue_groups',
 ]
@@ -43,7 +43,7 @@ ENV_ISA = 'TIMM_BINARYVIT_PACKED_ISA'
 ISAS = ('portable', 'avx2', 'avx512_vpopcntdq')
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
-_SOURCES = [os.path.join(_CSRC, name) for name in ('packed_gemm.cpp', 'packed_pack.cpp')]
+_SOURCES = [os.path.join(_CSRC, name) for name in ('packed_gemm.cpp', 'packed_pack.cpp', 'train_ops.cpp')]
 _EXT_NAME = 'timm_binaryvit_packed'
 _lock = threading.Lock()
 _ext = None
@@ -105,6 +105,13 @@ def _load():
                               RuntimeWarning, stacklevel=3)
         _tried = True
     return _ext
+
+
+def extension():
+    """The compiled extension, or None where it is unavailable (see :func:`available`). Besides the
+    packed products it holds the training model's one-pass element-wise pseudo-gradients
+    (:func:`timm_binaryvit.quantizers.approx_sign_backward_`, ``layers._prelu_backward``)."""
+    return _load()
 
 
 def available() -> bool:

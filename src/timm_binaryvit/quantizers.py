@@ -72,14 +72,36 @@ def approx_sign(x: torch.Tensor) -> torch.Tensor:
     return signs.detach() + (smooth - smooth.detach())
 
 
+def one_pass_kernels(*tensors: torch.Tensor):
+    """The compiled extension's one-pass element-wise kernels where they apply to ``tensors`` (CPU,
+    contiguous, one shape, float32 or float64, extension available), else None: the stock operators
+    then compute the same values in several passes."""
+    first = tensors[0]
+    if first.device.type != 'cpu' or first.dtype not in (torch.float32, torch.float64):
+        return None
+    if any(t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous() for t in tensors):
+        return None
+    from . import packed_ops  # the extension is built on first use
+    return packed_ops.extension()
+
+
 def approx_sign_backward_(grad: torch.Tensor, x: torch.Tensor, doubled: bool = False,
                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """ApproxSign's pseudo-gradient ``grad * (2 - 2|clamp(x, -1, 1)|)``, for the custom autograd functions.
 
-    ``x`` is scratch and is overwritten. With ``doubled``, ``grad`` already carries the factor 2 (folded
-    into a preceding matrix product by the caller) and is scaled in place by ``1 - |x|``; otherwise the
-    result goes to ``out`` (or a new tensor) and ``grad`` is left unchanged.
+    ``x`` is scratch and may be overwritten. With ``doubled``, ``grad`` already carries the factor 2
+    (folded into a preceding matrix product by the caller) and is scaled in place by ``1 - |x|``;
+    otherwise the result goes to ``out`` (or a new tensor) and ``grad`` is left unchanged. On the CPU
+    one compiled pass computes it (:func:`one_pass_kernels`; the same rule, checked against this one).
     """
+    ext = one_pass_kernels(grad, x) if out is None or out.is_contiguous() else None
+    if ext is not None:
+        if doubled:
+            ext.approx_sign_backward(grad, x, grad, 1.0)
+            return grad
+        result = out if out is not None else torch.empty_like(grad)
+        ext.approx_sign_backward(grad, x, result, 2.0)
+        return result
     h = x.clamp_(-1., 1.).abs_()
     if doubled:
         return grad.addcmul_(grad, h, value=-1)
