@@ -292,6 +292,7 @@ def cpu_info() -> Dict[str, object]:
     global _cpu_info
     if _cpu_info is None:
         model, flags = platform.processor() or platform.machine(), set()
+        family_model = {}
         try:
             with open('/proc/cpuinfo', encoding='utf-8', errors='replace') as f:
                 for line in f:
@@ -299,10 +300,15 @@ def cpu_info() -> Dict[str, object]:
                     name = name.strip()
                     if name == 'model name' and model in ('', platform.machine(), platform.processor()):
                         model = value.strip()
+                    elif name in ('cpu family', 'model') and name not in family_model:
+                        family_model[name] = value.strip()
                     elif name in ('flags', 'Features') and not flags:
                         flags = set(value.split())
         except OSError:
             pass
+        if len(family_model) == 2:
+            # virtual machines often report a bare 'AMD EPYC': family and model tell Zen 3 from Zen 4
+            model = f"{model} (family {family_model['cpu family']}, model {family_model['model']})"
         _cpu_info = {
             'model': model or 'unknown',
             'flags': [f for f in _FLAGS if f in flags],
