@@ -104,6 +104,28 @@ def test_short_name_is_the_small_model():
 
 
 @pytest.mark.slow
+def test_compiled_model_keeps_the_chosen_sign_kernel(monkeypatch):
+    # Under torch.compile the binary linear layers' products of signs go through the custom operator
+    # timm_binaryvit::sign_linear, which runs the kernel timm_binaryvit.kernels picks (int8 here, forced)
+    # instead of the compiler's float32; values and gradients stay those of eager mode.
+    from timm_binaryvit import dispatch, kernels
+    seen = []
+    original = dispatch._sign_mm
+    monkeypatch.setattr(dispatch, '_sign_mm', lambda *args, **kw: (seen.append(args[3]), original(*args, **kw))[1])
+    model = _perturb(tiny('binary_deit_small_gap_mb_affine_patch16_224')).train()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    eager_out, eager = _grads(model, x)
+    seen.clear()
+    torch._dynamo.reset()
+    with kernels.kernel_mode('int8'):
+        out, got = _grads(torch.compile(model, backend='aot_eager'), x)
+    assert seen and set(seen) == {'int8'}, seen
+    got = {n.removeprefix('_orig_mod.'): g for n, g in got.items()}
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    assert got.keys() == eager.keys() and _relative(got, eager) < 1e-4
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize('dynamic', [False, True])
 @pytest.mark.parametrize('name', DISTINCT_MODELS)
 def test_compiled_model_trains_and_evaluates_like_eager(name, dynamic):

@@ -12,7 +12,9 @@ Every binary layer of :mod:`timm_binaryvit.layers`, and every fused function of
   (TorchScript, ``torch.compile``, autocast, tracing and ONNX export, other dtypes, and anything
   inside :func:`stock_operators`): the same values and the same pseudo-gradients, in operators every
   tool understands. Under autocast the products of signs run in float32, where they are exact for
-  any fan-in (see :func:`sign_product`).
+  any fan-in (see :func:`sign_product`). Under ``torch.compile`` (not export) the binary linear
+  products are the custom operator ``timm_binaryvit::sign_linear``, so the compiled graph keeps the
+  kernel :mod:`timm_binaryvit.kernels` chose for this machine.
 
 Whole modules (attention, FFN, pooling branches, the layer) have a third, fused path, allowed where
 this dispatch allows custom autograd and more holds (:func:`timm_binaryvit.fused.fusable`).
@@ -100,6 +102,50 @@ def _outside_autocast(op, *operands: torch.Tensor) -> torch.Tensor:
         return op(*[t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in operands])
 
 
+@torch.library.custom_op('timm_binaryvit::sign_linear', mutates_args=())
+def _sign_linear(signs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    # F.linear(signs, weight) for signs in {-1, 0, 1} and weight rows a * {-1, 0, 1}, with the kernel
+    # kernels.choose picks for this machine. Under torch.compile the compiler would otherwise run it
+    # in float32 even where int8 (VNNI) is several times faster.
+    rows = signs.reshape(-1, signs.shape[-1])
+    kind = sign_mm_kind(signs, rows.shape[0], weight.shape[1], weight.shape[0])
+    scale = weight.abs().amax(dim=1)  # exact: each row is a times signs
+    out = _sign_mm(rows.to(torch.int8) if kind == 'int8' else rows,
+                   torch.sign(weight).to(torch.int8 if kind == 'int8' else weight.dtype), scale, kind)
+    return out.view(signs.shape[:-1] + (weight.shape[0],))
+
+
+@_sign_linear.register_fake
+def _(signs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return signs.new_empty(signs.shape[:-1] + (weight.shape[0],))
+
+
+def _sign_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _sign_linear_backward(ctx, grad):
+    signs, weight = ctx.saved_tensors
+    rows = grad.reshape(-1, grad.shape[-1])
+    return (grad @ weight if ctx.needs_input_grad[0] else None,
+            rows.t() @ signs.reshape(-1, signs.shape[-1]) if ctx.needs_input_grad[1] else None)
+
+
+_sign_linear.register_autograd(_sign_linear_backward, setup_context=_sign_linear_setup)
+
+
+@torch.jit.unused
+def _compiled_sign_linear(a: torch.Tensor, b: torch.Tensor) -> Optional[torch.Tensor]:
+    # Only while torch.compile traces (not torch.export / ONNX, whose graphs must hold stock operators).
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return None
+    if a.device.type != 'cpu' or a.dtype != torch.float32 or b.dtype != torch.float32:
+        return None
+    if torch.is_autocast_enabled('cpu'):
+        return None
+    return torch.ops.timm_binaryvit.sign_linear(a, b)
+
+
 def sign_product(op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``F.linear(a, b)`` (``op='linear'``) or ``a @ b`` (``op='matmul'``) for products of signs on the
     stock-operator path, in float32 under autocast.
@@ -111,4 +157,8 @@ def sign_product(op: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if torch.jit.is_scripting():
         return F.linear(a, b) if op == 'linear' else torch.matmul(a, b)
+    if op == 'linear':
+        compiled = _compiled_sign_linear(a, b)
+        if compiled is not None:
+            return compiled
     return _outside_autocast(F.linear if op == 'linear' else torch.matmul, a, b)

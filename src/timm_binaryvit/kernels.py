@@ -142,7 +142,8 @@ def dispatch_mode_active() -> bool:
 def choose(product: str, shape: Tuple[int, ...], device=None, dtype: torch.dtype = torch.float32) -> str:
     """The kind of kernel that runs ``product`` for operands of ``shape`` on ``device``.
 
-    ``float`` off the CPU, under ``torch.compile`` (the compiler picks its own kernels), and inside a
+    ``float`` off the CPU, while ``torch.compile`` traces (the compiler picks its own kernels; the
+    custom operator ``timm_binaryvit::sign_linear`` asks again when the compiled graph runs), and inside a
     TorchDispatchMode (op-level profilers count the plain float operators); otherwise the forced
     mode, or the measured choice for the shape's class.
     """
