@@ -108,10 +108,10 @@ def _sign_linear(signs: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     # kernels.choose picks for this machine. Under torch.compile the compiler would otherwise run it
     # in float32 even where int8 (VNNI) is several times faster.
     rows = signs.reshape(-1, signs.shape[-1])
-    kind = sign_mm_kind(signs, rows.shape[0], weight.shape[1], weight.shape[0])
+    if sign_mm_kind(signs, rows.shape[0], weight.shape[1], weight.shape[0]) != 'int8':
+        return F.linear(signs, weight)
     scale = weight.abs().amax(dim=1)  # exact: each row is a times signs
-    out = _sign_mm(rows.to(torch.int8) if kind == 'int8' else rows,
-                   torch.sign(weight).to(torch.int8 if kind == 'int8' else weight.dtype), scale, kind)
+    out = _sign_mm(rows.to(torch.int8), torch.sign(weight).to(torch.int8), scale, 'int8')
     return out.view(signs.shape[:-1] + (weight.shape[0],))
 
 

@@ -214,8 +214,10 @@ def _prelu_backward(grad: torch.Tensor, z: torch.Tensor, slope: torch.Tensor, ne
     # need_sum else None). On the CPU one compiled pass (quantizers.one_pass_kernels); otherwise stock
     # operators, neither torch.where nor aten's prelu backward (both slow on the CPU with a broadcast
     # slope). With return_scratch, also a spare tensor of z's shape that the caller may overwrite.
-    ext = one_pass_kernels(grad, z) if grad.dim() == 2 and slope.is_contiguous() else None
-    if ext is not None and slope.dtype == grad.dtype and slope.dim() == 1 and slope.numel() == grad.shape[1]:
+    slope_fits = (grad.dim() == 2 and slope.is_contiguous() and slope.dtype == grad.dtype and slope.dim() == 1
+                  and slope.numel() == grad.shape[1])
+    ext = one_pass_kernels(grad, z) if slope_fits else None
+    if ext is not None:
         grad_z = torch.empty_like(grad)
         grad_slope = grad.new_empty(grad.shape[1]) if need_slope else None
         grad_sum = grad.new_empty(grad.shape[1]) if need_sum else None

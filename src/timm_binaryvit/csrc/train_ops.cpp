@@ -37,11 +37,8 @@ AI void prelu_span(const T* g, const T* z, const T* __restrict__ slope, T* gz, i
     const T* __restrict__ gr = g + r * C;
     const T* __restrict__ zr = z + r * C;
     T* __restrict__ out = gz + r * C;
-    if (!slope_acc) {
-      for (int64_t j = 0; j < C; ++j) out[j] = (zr[j] > 0 ? T(1) : slope[j]) * gr[j];
-      continue;
-    }
     for (int64_t j = 0; j < C; ++j) out[j] = (zr[j] > 0 ? T(1) : slope[j]) * gr[j];  // 1 * g is exactly g
+    if (!slope_acc) continue;
     // the sums as separate simple loops over the row just written (still in L1): these vectorise
     for (int64_t j = 0; j < C; ++j) gz_acc[j] += out[j];
     for (int64_t j = 0; j < C; ++j) slope_acc[j] += std::min(zr[j], T(0)) * gr[j];
