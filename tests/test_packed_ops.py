@@ -138,6 +138,12 @@ def test_packed_sign_output(ext, isa, dtype):
                 m4 = torch.empty(M, N // 4, dtype=dtype)
                 packed_ops.sign_gemm(pa, pb, scale, bias, means=m4, packed=True)
                 torch.testing.assert_close(m4, packed_ops.sign_gemm(pa, pb, scale, bias).view(M, -1, 4).mean(-1))
+        # a NaN result packs as 0, as pack_signs packs it
+        shortcut[::2, 1::5] = math.nan
+        want = packed_ops.sign_gemm(pa, pb, scale, bias, shortcut=shortcut)
+        got = packed_ops.sign_gemm(pa, pb, scale, bias, shortcut=shortcut, packed=True)
+        assert bool(want.isnan().any()) and torch.equal(got.unpack(), want.nan_to_num(0).sign().float())
+        assert torch.equal(got.nz, packed_ops.pack_signs(want).nz)
     with pytest.raises(ValueError, match='out is not taken'):
         packed_ops.sign_gemm(pa, pb, scale, bias, out=torch.empty(M, N, dtype=dtype), packed=True)
     with pytest.raises(ValueError, match='float result'):

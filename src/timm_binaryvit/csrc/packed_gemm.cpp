@@ -50,7 +50,13 @@ struct Block {
   void* means;            // group means (null: none): row origin of the block; column g is the mean
   int64_t ldm;            //   of output columns g E .. g E + E - 1 (E divides 8, so no group crosses a block)
   int group;              // E
+  unsigned char* sneg;    // packed signs of the results (null: none): the row panel's first byte of each
+  unsigned char* snz;     //   plane; a block that packs them itself (AVX-512, float) writes them there
 };
+
+// Byte offset of (row r, output panel) in a row panel of packed signs: word [panel / 8][r], byte
+// panel % 8 (see pack_tile).
+AI int64_t sign_byte(int64_t panel, int r) { return ((panel / 8) * PW + r) * 8 + panel % 8; }
 
 // The means of each group of E consecutive output columns of the block, read back from the output
 // just written (still in the L1 cache): the FFN's pool_E shortcut without another pass over memory.
@@ -90,8 +96,7 @@ AI void pack_tile(const OutT* tile, int ld, const Block& b, unsigned char* neg, 
           n_bits |= static_cast<unsigned>(v < 0) << j;
           z_bits |= static_cast<unsigned>(v < 0 || v > 0) << j;
         }
-        const int64_t panel = col_panel0 + c;
-        const int64_t byte = ((panel / 8) * PW + r) * 8 + panel % 8;  // word [k][r], k = panel / 8
+        const int64_t byte = sign_byte(col_panel0 + c, r);
         neg[byte] = static_cast<unsigned char>(n_bits);
         nz[byte] = static_cast<unsigned char>(z_bits);
       }
@@ -100,9 +105,37 @@ AI void pack_tile(const OutT* tile, int ld, const Block& b, unsigned char* neg, 
 }
 
 #if defined(TBV_X86)
-// The same two steps for float results with AVX2 (AVX-512 CPUs run it too): the signs from compare
-// masks, and the means of a full 8 x 8 panel from a tree of horizontal adds, whose two top levels
-// hold each row's sums of 4 and of 8 columns.
+// The means of groups of 4 or 8 columns of one full 8 x 8 float panel (row r in row[r]) from a tree
+// of horizontal adds, whose two top levels hold each row's sums of 4 and of 8 columns; means[r * ldm
+// + g] receives row r's group g of the panel.
+TGT_AVX2 AI void panel_means_avx2(const __m256 row[PW], int group, float* means, int64_t ldm) {
+  const __m256 inv = _mm256_set1_ps(1.0f / static_cast<float>(group));
+  const __m256 s0 = _mm256_hadd_ps(row[0], row[1]), s1 = _mm256_hadd_ps(row[2], row[3]);
+  const __m256 s2 = _mm256_hadd_ps(row[4], row[5]), s3 = _mm256_hadd_ps(row[6], row[7]);
+  // rows 0-3 (t0) and 4-7 (t1): [sums of columns 0-3 | sums of columns 4-7]
+  const __m256 t0 = _mm256_hadd_ps(s0, s1), t1 = _mm256_hadd_ps(s2, s3);
+  const __m256 g0 = _mm256_permute2f128_ps(t0, t1, 0x20), g1 = _mm256_permute2f128_ps(t0, t1, 0x31);
+  alignas(32) float t[2][PW];
+  if (group == 8) {
+    _mm256_store_ps(t[0], _mm256_mul_ps(_mm256_add_ps(g0, g1), inv));
+    for (int r = 0; r < PW; ++r) means[r * ldm] = t[0][r];
+  } else {
+    _mm256_store_ps(t[0], _mm256_mul_ps(g0, inv));
+    _mm256_store_ps(t[1], _mm256_mul_ps(g1, inv));
+    for (int r = 0; r < PW; ++r) {
+      means[r * ldm] = t[0][r];
+      means[r * ldm + 1] = t[1][r];
+    }
+  }
+}
+
+// Whether a block's means can come from panel_means_avx2.
+AI bool panel_means_fit(const Block& b) {
+  return b.rows == PW && b.cols % PW == 0 && (b.group == 4 || b.group == 8);
+}
+
+// The same two steps for float results with AVX2: the signs from compare masks, and the means
+// from panel_means_avx2.
 TGT_AVX2 void finish_float_avx2(const Block& b, unsigned char* neg, unsigned char* nz) {
   const float* out = static_cast<const float*>(b.out);
   const __m256 zero = _mm256_setzero_ps();
@@ -112,41 +145,22 @@ TGT_AVX2 void finish_float_avx2(const Block& b, unsigned char* neg, unsigned cha
       for (int c = 0; c * PW < b.cols; ++c) {
         const unsigned valid = (1u << std::min(PW, b.cols - c * PW)) - 1;
         const __m256 v = _mm256_loadu_ps(out + r * b.ldo + c * PW);
-        const int64_t panel = col_panel0 + c;
-        const int64_t byte = ((panel / 8) * PW + r) * 8 + panel % 8;
+        const int64_t byte = sign_byte(col_panel0 + c, r);
         neg[byte] = static_cast<unsigned char>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ)) & valid);
         nz[byte] = static_cast<unsigned char>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_NEQ_OQ)) & valid);
       }
     }
   }
   if (!b.means) return;
-  if (b.rows < PW || b.cols % PW || (b.group != 4 && b.group != 8)) {
+  if (!panel_means_fit(b)) {
     group_means<float>(b);
     return;
   }
   float* means = static_cast<float*>(b.means) + b.col0 / b.group;
-  const float inv = 1.0f / static_cast<float>(b.group);
-  alignas(32) float t[2][PW];
   for (int c = 0; c * PW < b.cols; ++c) {
     __m256 row[PW];
     for (int r = 0; r < PW; ++r) row[r] = _mm256_loadu_ps(out + r * b.ldo + c * PW);
-    const __m256 s0 = _mm256_hadd_ps(row[0], row[1]), s1 = _mm256_hadd_ps(row[2], row[3]);
-    const __m256 s2 = _mm256_hadd_ps(row[4], row[5]), s3 = _mm256_hadd_ps(row[6], row[7]);
-    // rows 0-3 (t0) and 4-7 (t1): [sums of columns 0-3 | sums of columns 4-7]
-    const __m256 t0 = _mm256_hadd_ps(s0, s1), t1 = _mm256_hadd_ps(s2, s3);
-    if (b.group == 8) {
-      const __m256 lo = _mm256_permute2f128_ps(t0, t1, 0x20), hi = _mm256_permute2f128_ps(t0, t1, 0x31);
-      _mm256_store_ps(t[0], _mm256_mul_ps(_mm256_add_ps(lo, hi), _mm256_set1_ps(inv)));
-      for (int r = 0; r < PW; ++r) means[r * b.ldm + c] = t[0][r];
-    } else {
-      const __m256 g0 = _mm256_permute2f128_ps(t0, t1, 0x20), g1 = _mm256_permute2f128_ps(t0, t1, 0x31);
-      _mm256_store_ps(t[0], _mm256_mul_ps(g0, _mm256_set1_ps(inv)));
-      _mm256_store_ps(t[1], _mm256_mul_ps(g1, _mm256_set1_ps(inv)));
-      for (int r = 0; r < PW; ++r) {
-        means[r * b.ldm + 2 * c] = t[0][r];
-        means[r * b.ldm + 2 * c + 1] = t[1][r];
-      }
-    }
+    panel_means_avx2(row, b.group, means + c * (PW / b.group), b.ldm);
   }
 }
 #endif
@@ -378,20 +392,33 @@ TGT_AVX2 void block_avx2(const Block& b) {
 // ---- AVX-512 VPOPCNTDQ: 8 rows x C panels (8 C columns) of 64-bit lane counters; the epilogue
 // works on the counters in registers (a round trip through a tile costs as much as the product
 // itself when K is a few hundred).
+// The float epilogue's per-column operands of one output panel, loaded once for all its rows.
+struct PanelPs {
+  __m256 scale, bias, slope, offset;
+};
+
+// 8 float results of one row from their counts: y = acc * scale + bias (+ shortcut), then the PReLU.
+TGT_AVX512 AI __m256 epilogue8_ps(__m512i v, const PanelPs& p, __m256 bias, const float* shortcut, bool prelu,
+                                  __mmask8 m) {
+  __m256 r = _mm256_fmadd_ps(_mm512_cvtepi64_ps(v), p.scale, bias);
+  if (shortcut) r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(m, shortcut));
+  if (prelu) r = _mm256_max_ps(r, _mm256_fmadd_ps(r, p.slope, p.offset));
+  return r;
+}
+
+TGT_AVX512 AI void store8_ps(float* out, __m256 y, __mmask8 m) {
+  // a plain store where it can: a later load of the result (a fallback's means) cannot be forwarded
+  // from a masked store and would wait for it to reach the cache
+  if (m == 0xff) _mm256_storeu_ps(out, y);
+  else _mm256_mask_storeu_ps(out, m, y);
+}
+
+// int32 or double results of one row (float ones: epilogue8_ps)
 template <typename OutT>
 TGT_AVX512 AI void store8_avx512(__m512i v, OutT* out, const OutT* scale, const OutT* bias, const OutT* shortcut,
                                  const OutT* slope, const OutT* offset, __mmask8 m) {
   if constexpr (std::is_same<OutT, int32_t>::value) {
     _mm512_mask_cvtepi64_storeu_epi32(out, m, v);
-  } else if constexpr (std::is_same<OutT, float>::value) {
-    const __m256 f = _mm512_cvtepi64_ps(v);
-    __m256 r = _mm256_fmadd_ps(f, _mm256_maskz_loadu_ps(m, scale), _mm256_maskz_loadu_ps(m, bias));
-    if (shortcut) r = _mm256_add_ps(r, _mm256_maskz_loadu_ps(m, shortcut));
-    if (slope) r = _mm256_max_ps(r, _mm256_fmadd_ps(r, _mm256_maskz_loadu_ps(m, slope), _mm256_maskz_loadu_ps(m, offset)));
-    // a plain store where it can: a load of the result (the means, the packed signs) cannot be
-    // forwarded from a masked store and would wait for it to reach the cache
-    if (m == 0xff) _mm256_storeu_ps(out, r);
-    else _mm256_mask_storeu_ps(out, m, r);
   } else {
     const __m512d f = _mm512_cvtepi64_pd(v);
     __m512d r = _mm512_fmadd_pd(f, _mm512_maskz_loadu_pd(m, scale), _mm512_maskz_loadu_pd(m, bias));
@@ -453,20 +480,63 @@ TGT_AVX512 void block_avx512(const Block& b) {
   const OutT* bias = static_cast<const OutT*>(b.bias);
   const OutT* slope = static_cast<const OutT*>(b.slope);
   const OutT* offset = static_cast<const OutT*>(b.offset);
-  for (int r = 0; r < PW; ++r) {
-    if (r >= b.rows) break;
-    for (int c = 0; c < C; ++c) {
+  constexpr bool is_float = std::is_same<OutT, float>::value;
+  // Float results are finished here while in registers: their signs packed (b.sneg) and the means
+  // of their column groups, panel by panel (a store and reload of the block costs about as much as
+  // its product at K = 64).
+  const bool panel_means = is_float && b.means && panel_means_fit(b);
+  // the block's fields as locals: the byte stores of the signs could alias the block itself, which
+  // would otherwise make the compiler reload every field after each of them
+  const int rows = b.rows;
+  const int32_t K = b.K;
+  const int32_t* const acnt = b.acnt;
+  const int64_t ldo = b.ldo, ldb = b.ldb, lds = b.lds, col_panel0 = b.col0 / PW;
+  unsigned char* const sneg = b.sneg;
+  unsigned char* const snz = b.snz;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int c = 0; c < C; ++c) {
+    // the shortcut's column, once per panel (its period is a multiple of 8: no wrap inside a panel)
+    const OutT* shortcut_c = b.shortcut ? static_cast<const OutT*>(b.shortcut) + (b.col0 + PW * c) % b.period : nullptr;
+    const OutT* s = scale ? scale + PW * c : nullptr;
+    const OutT* sl = slope ? slope + PW * c : nullptr;
+    const OutT* of = slope ? offset + PW * c : nullptr;
+    const __mmask8 m = masks[c];
+    PanelPs ps;
+    if constexpr (is_float) {
+      ps.scale = _mm256_maskz_loadu_ps(m, s);
+      ps.bias = _mm256_maskz_loadu_ps(m, bias + PW * c);  // row 0's; the only one when ldb == 0
+      ps.slope = sl ? _mm256_maskz_loadu_ps(m, sl) : zero;
+      ps.offset = sl ? _mm256_maskz_loadu_ps(m, of) : zero;
+    }
+    __m256 panel[PW];
+    for (int r = 0; r < rows; ++r) {
       __m512i base;
-      if (MODE == XOR) base = _mm512_set1_epi64(b.K);
-      else if (MODE == MASK_A) base = _mm512_set1_epi64(b.acnt[r]);
+      if (MODE == XOR) base = _mm512_set1_epi64(K);
+      else if (MODE == MASK_A) base = _mm512_set1_epi64(acnt[r]);
       else if (MODE == MASK_B) base = base_b[c];
       else base = accp[r][MODE == BOTH ? c : 0];
       const __m512i v = _mm512_sub_epi64(base, _mm512_slli_epi64(acc[r][c], 1));
-      store8_avx512<OutT>(v, out + r * b.ldo + PW * c, scale ? scale + PW * c : nullptr,
-                          bias ? bias + r * b.ldb + PW * c : nullptr,
-                          b.shortcut ? shortcut_at<OutT>(b, r, b.col0 + PW * c) : nullptr,
-                          slope ? slope + PW * c : nullptr, slope ? offset + PW * c : nullptr, masks[c]);
+      OutT* o = out + r * ldo + PW * c;
+      const OutT* sc = shortcut_c ? shortcut_c + r * lds : nullptr;
+      if constexpr (is_float) {
+        const __m256 bias_r = ldb ? _mm256_maskz_loadu_ps(m, bias + r * ldb + PW * c) : ps.bias;
+        const __m256 y = epilogue8_ps(v, ps, bias_r, sc, sl != nullptr, m);
+        store8_ps(o, y, m);
+        if (sneg) {  // a NaN packs as 0, as pack_signs does
+          const int64_t byte = sign_byte(col_panel0 + c, r);
+          sneg[byte] = _mm256_mask_cmp_ps_mask(m, y, zero, _CMP_LT_OQ);
+          snz[byte] = _mm256_mask_cmp_ps_mask(m, y, zero, _CMP_NEQ_OQ);
+        }
+        panel[r] = y;
+      } else {
+        store8_avx512<OutT>(v, o, s, bias ? bias + r * ldb + PW * c : nullptr, sc, sl, of, m);
+      }
     }
+    if (panel_means)
+      panel_means_avx2(panel, b.group, static_cast<float*>(b.means) + (b.col0 + PW * c) / b.group, b.ldm);
+  }
+  if constexpr (is_float) {
+    if (b.means && !panel_means) group_means<float>(b);
   }
 }
 #endif  // TBV_X86
@@ -659,7 +729,9 @@ int64_t sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const tor
 #if defined(TBV_X86)
   if (dtype == torch::kFloat32 && isa >= ISA_AVX2) finish = finish_float_avx2;
 #endif
-  const bool finishing = to_signs || means.has_value();
+  // the AVX-512 blocks finish float results themselves (block_avx512)
+  const bool block_finishes = isa == ISA_AVX512 && dtype == torch::kFloat32;
+  const bool finishing = (to_signs || means.has_value()) && !block_finishes;
   const int64_t Kw_out = to_signs ? signs_neg->size(2) : 0;
   unsigned char* sneg0 = to_signs ? reinterpret_cast<unsigned char*>(signs_neg->data_ptr<int64_t>()) : nullptr;
   unsigned char* snz0 = to_signs ? reinterpret_cast<unsigned char*>(signs_nz->data_ptr<int64_t>()) : nullptr;
@@ -674,6 +746,7 @@ int64_t sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const tor
       const int64_t bi = it / (Pm * chunks), p = (it / chunks) % Pm, ch = it % chunks;
       Block blk;
       blk.scale = blk.bias = blk.slope = blk.offset = blk.shortcut = nullptr;
+      blk.sneg = blk.snz = nullptr;
       blk.lds = lds;
       blk.period = period;
       if (shortcut0) blk.shortcut = shortcut0 + esize * (p * PW * lds);
@@ -708,6 +781,10 @@ int64_t sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const tor
         if (to_signs) {
           blk.out = tile;
           blk.ldo = TILE_LD;
+          if (block_finishes) {
+            blk.sneg = sneg0 + p * Kw_out * PW * 8;
+            blk.snz = snz0 + p * Kw_out * PW * 8;
+          }
         }
         fns[c - 1](blk);
         if (finishing) {
