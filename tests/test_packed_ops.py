@@ -262,6 +262,49 @@ def test_mask_sign_bmm(ext, isa, v_zeros):
         packed_ops.mask_sign_bmm(packed_ops.pack_signs(probs), packed_ops.pack_signs_transposed(v))
 
 
+def _attention_reference(q, k, v, scale, threshold):
+    # the deployed float path: scores, softmax, mask, context, in float64
+    probs = torch.softmax(torch.sign(q) @ torch.sign(k).transpose(-2, -1) * scale, -1)
+    return (probs > threshold).double() @ torch.sign(v)
+
+
+@pytest.mark.parametrize('isa', packed_ops.ISAS)  # each path the CPU runs
+@pytest.mark.parametrize('zeros', ['none', 'q', 'k', 'v', 'all'])
+def test_binary_attention_equals_the_unfused_products(ext, isa, zeros):
+    # odd shapes (one key, one channel, keys and channels not multiples of 8 or 64, several key words)
+    # and exact zeros in each operand; thresholds from none to all of a row's keys
+    _require_isa(isa)
+    for B, N, Nk, d in ((1, 1, 1, 1), (2, 9, 5, 3), (3, 49, 49, 64), (1, 70, 130, 65), (2, 17, 200, 128)):
+        q, k, v = (ternary(n, d, name in (zeros, 'all'), n + d + i, (B,)) * (1 + torch.rand(B, n, d, dtype=torch.float64))
+                   for i, (name, n) in enumerate((('q', N), ('k', Nk), ('v', Nk))))
+        scale = d ** -0.5
+        with packed_ops.use_isa(isa):
+            pq, pk, pv = packed_ops.pack_signs(q), packed_ops.pack_signs(k), packed_ops.pack_signs_transposed(v)
+            for threshold in (-1.0, 0.0, 0.5 / Nk, 0.3, 1.0):
+                got = packed_ops.binary_attention(pq, pk, pv, scale, threshold)
+                assert got.shape == (B, N, d) and got.dtype == torch.int32
+                assert torch.equal(got.double(), _attention_reference(q, k, v, scale, threshold)), (B, N, Nk, d, threshold)
+    # a probability exactly at the threshold is not above it: one key of equal scores (p = 1 / Nk)
+    q, k, v = torch.ones(1, 2, 8), torch.ones(1, 4, 8), ternary(4, 8, True, 1, (1,))
+    with packed_ops.use_isa(isa):
+        got = packed_ops.binary_attention(packed_ops.pack_signs(q), packed_ops.pack_signs(k),
+                                          packed_ops.pack_signs_transposed(v), 0.125, 0.25)
+    assert not bool(got.any()) and torch.equal(got.double(), _attention_reference(q, k, v, 0.125, 0.25))
+
+
+def test_binary_attention_rejects_bad_operands(ext):
+    q, k, v = (packed_ops.pack_signs(torch.randn(2, n, 16)) for n in (5, 7, 7))
+    vt = packed_ops.pack_signs_transposed(torch.randn(2, 7, 16))
+    with pytest.raises(ValueError, match='transposed'):
+        packed_ops.binary_attention(q, k, v, 0.25, 0.1)
+    with pytest.raises(ValueError, match='positive'):
+        packed_ops.binary_attention(q, k, vt, 0.0, 0.1)
+    with pytest.raises(ValueError, match='batch'):
+        packed_ops.binary_attention(q, packed_ops.pack_signs(torch.randn(7, 16)), vt, 0.25, 0.1)
+    with pytest.raises(TypeError, match='signs'):
+        packed_ops.binary_attention(q, k, packed_ops.pack_mask(torch.rand(2, 16, 7), 0.5), 0.25, 0.1)
+
+
 def test_bad_operands_are_named(ext):
     a, b = packed_ops.pack_signs(torch.randn(3, 10)), packed_ops.pack_signs(torch.randn(4, 11))
     with pytest.raises(ValueError, match='columns'):
@@ -287,8 +330,7 @@ def test_register_candidates_is_idempotent_and_runs(ext):
         if product == 'deploy_linear':
             assert result.shape == (7, 9) and result.dtype == torch.float32
         else:
-            dots, ctx = result
-            assert dots.shape == (2, 5, 7) and ctx.shape == (2, 5, 16)
+            assert result.shape == (2, 5, 16) and result.dtype == torch.int32
 
 
 # ---- the fallback, in this process with the module's build state reset (quick), then in fresh processes

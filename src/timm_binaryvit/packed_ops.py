@@ -32,7 +32,7 @@ import torch
 __all__ = [
     'ENV_DISABLE', 'ENV_ISA', 'ISAS', 'PackedSigns', 'extension', 'available', 'unavailable_reason', 'isa', 'supported_isas',
     'use_isa', 'pack_signs', 'pack_signs_transposed', 'pack_sign_values', 'pack_mask', 'from_sign_bits',
-    'sign_gemm', 'sign_bmm', 'mask_sign_bmm', 'register_candidates', 'epilogue_repeats', 'epilogue_groups',
+    'sign_gemm', 'sign_bmm', 'mask_sign_bmm', 'binary_attention', 'register_candidates', 'epilogue_repeats', 'epilogue_groups',
 ]
 
 #: ``1`` forces the float fallback (the extension is neither built nor loaded).
@@ -43,7 +43,7 @@ ENV_ISA = 'TIMM_BINARYVIT_PACKED_ISA'
 ISAS = ('portable', 'avx2', 'avx512_vpopcntdq')
 
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'csrc')
-_SOURCES = [os.path.join(_CSRC, name) for name in ('packed_gemm.cpp', 'packed_pack.cpp', 'train_ops.cpp')]
+_SOURCES = [os.path.join(_CSRC, name) for name in ('packed_gemm.cpp', 'packed_pack.cpp', 'packed_attention.cpp', 'train_ops.cpp')]
 _EXT_NAME = 'timm_binaryvit_packed'
 _lock = threading.Lock()
 _ext = None
@@ -525,10 +525,44 @@ def mask_sign_bmm(p: PackedSigns, v: PackedSigns, scale: Union[float, torch.Tens
     return sign_bmm(p, v, scale, out)
 
 
+def binary_attention(q: PackedSigns, k: PackedSigns, v: PackedSigns, scale: float, threshold: float,
+                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[softmax(sign(q) sign(k)^T * scale) > threshold] @ sign(v)`` in one pass, int32 ``(*batch, N, d)``.
+
+    ``q (*batch, N, K)`` and ``k (*batch, N_k, K)`` from :func:`pack_signs`, ``v (*batch, d, N_k)`` from
+    :func:`pack_signs_transposed`; ``scale > 0``. The scores and probabilities are never written: a dot
+    product of signs is an integer in ``[-K, K]``, so the softmax takes its exponentials from a table
+    of ``2 K + 1`` values, in float64, and the mask is the keys above one integer cutoff per row. The
+    result equals :func:`sign_bmm`, ``torch.softmax``, :func:`pack_mask` and :func:`mask_sign_bmm` in
+    float64, and in float32 except where a probability lies within float32 rounding of the threshold.
+    """
+    ext = _ext_or_raise()
+    _check_pair(q, k)
+    for name, t in (('q', q), ('k', k), ('v', v)):
+        if not isinstance(t, PackedSigns) or t.is_mask:
+            raise TypeError(f'{name} must be PackedSigns of signs (pack_signs / pack_signs_transposed)')
+    if not (tuple(q.batch) == tuple(k.batch) == tuple(v.batch)):
+        raise ValueError(f'batch dims differ: q {tuple(q.batch)}, k {tuple(k.batch)}, v {tuple(v.batch)}')
+    if v.cols != k.rows:
+        raise ValueError(f'v must be packed transposed with {k.rows} key columns (pack_signs_transposed), '
+                         f'got {v.cols}')
+    if not scale > 0:
+        raise ValueError(f'scale must be positive, got {scale}')
+    B = q.neg.shape[0]
+    shape = tuple(q.batch) + (q.rows, v.rows)
+    result = _make_out(out, shape, torch.int32)
+    out3 = result.reshape(B, q.rows, v.rows)
+    ext.binary_attention(q.neg, q.nz, q.counts, q.has_zeros, k.neg, k.nz, k.counts, k.has_zeros, v.neg, v.nz,
+                         v.has_zeros, q.cols, k.rows, float(scale), float(threshold), out3, _isa_code())
+    if out3.data_ptr() != result.data_ptr():
+        result.copy_(out3.reshape(shape))  # out's batch dims could not merge into one
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # Candidates for the kernel chooser (kernels.choose). Helper products of the deployed model:
 #   'deploy_linear'    shape (M, K, N): sign(x + shift) @ W^T * scale + bias, W (N, K) packed once
-#   'deploy_attention' shape (BH, N, d, Nk): sign(q) sign(k)^T and P_b sign(v) for every head
+#   'deploy_attention' shape (BH, N, d, Nk): [softmax(sign(q) sign(k)^T / sqrt(d)) > t] sign(v) for every head
 # The timed callables include the packing of the activations, which the deployed model pays.
 
 
@@ -559,14 +593,8 @@ def _make_linear(shape, dtype, device):
 def _make_attention(shape, dtype, device):
     BH, N, d, Nk = (int(s) for s in shape)
     q, k, v = _random((BH, N, d), dtype, 0), _random((BH, Nk, d), dtype, 1), _random((BH, Nk, d), dtype, 2)
-    probs = torch.rand((BH, N, Nk), generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
-    threshold = 0.5
-
-    def run():
-        dots = sign_bmm(pack_signs(q), pack_signs(k))
-        ctx = mask_sign_bmm(pack_mask(probs, threshold), pack_signs_transposed(v))
-        return dots, ctx
-    return run
+    out = torch.empty(BH, N, d, dtype=torch.int32)
+    return lambda: binary_attention(pack_signs(q), pack_signs(k), pack_signs_transposed(v), d ** -0.5, 0.5 / Nk, out=out)
 
 
 def register_candidates() -> None:

@@ -70,6 +70,10 @@ int64_t pack(const torch::Tensor& x, const c10::optional<torch::Tensor>& shift, 
              torch::Tensor neg, torch::Tensor nz, torch::Tensor cnt, int64_t isa);
 int64_t from_sign_bits(const torch::Tensor& bits, int64_t K, const torch::Tensor& zeros, torch::Tensor neg,
                        torch::Tensor nz, torch::Tensor cnt);
+void binary_attention(const torch::Tensor& qn, const torch::Tensor& qz, const torch::Tensor& qcnt, bool q_zeros,
+                      const torch::Tensor& kn, const torch::Tensor& kz, const torch::Tensor& kcnt, bool k_zeros,
+                      const torch::Tensor& vn, const torch::Tensor& vz, bool v_zeros, int64_t K, int64_t Nk,
+                      double scale, double threshold, torch::Tensor out, int64_t isa);
 void approx_sign_backward(const torch::Tensor& grad, const torch::Tensor& x, torch::Tensor out, double factor);
 void prelu_backward(const torch::Tensor& grad, const torch::Tensor& z, const torch::Tensor& slope, torch::Tensor grad_z,
                     const c10::optional<torch::Tensor>& slope_sum, const c10::optional<torch::Tensor>& gz_sum);

@@ -811,6 +811,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack, "fused shift + sign (or compare) + pack");
   m.def("from_sign_bits", &from_sign_bits, "packed file bits -> kernel planes");
   m.def("supported_isas", &supported_isas, "isa codes this CPU runs, best first");
+  m.def("binary_attention", &binary_attention, "binary attention (dots, softmax mask, context) in one pass");
   m.def("approx_sign_backward", &approx_sign_backward, "ApproxSign's pseudo-gradient in one pass");
   m.def("prelu_backward", &prelu_backward, "PReLU backward with its column sums in one pass");
 }

@@ -15,10 +15,11 @@ without it, bfloat16 matmuls are slow without AVX-512 BF16):
   ``int8`` as for ``deploy_linear``; ``packed``, where the first layer's epilogue writes the signs of
   its result straight into packed bits for the second (with the ``pool_E`` means), so the ``E C``-wide
   hidden activations are never written as floats.
-* ``deploy_attention``, shape ``(B * heads, N, d, N_k)``: ``sign(q) sign(k)^T`` and the binarised
-  probabilities (0 / 1) times ``sign(v)``. Kinds: ``float``; ``bf16`` where it is exact (the
-  products are integers of magnitude at most ``max(d, N_k)``, exact in bfloat16 up to 256);
-  ``packed`` (XNOR / AND + popcount).
+* ``deploy_attention``, shape ``(B * heads, N, d, N_k)``: ``sign(q) sign(k)^T``, the softmax, and the
+  binarised probabilities (0 / 1) times ``sign(v)``. Kinds: ``float``; ``bf16`` where it is exact
+  (the products are integers of magnitude at most ``max(d, N_k)``, exact in bfloat16 up to 256);
+  ``packed`` (:func:`timm_binaryvit.packed_ops.binary_attention`: XNOR / AND + popcount with the
+  softmax and the mask in between, one pass per query row, no scores written).
 
 Every kind gives the same integers, so the choice changes speed, never the result. The float
 path always works (other devices, ``torch.jit.trace``, a failed extension build).
@@ -361,14 +362,12 @@ def attention_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_sc
     g, N, h, d = q.shape
     Nk = k.shape[1]
     kind = kind or choose_kind(ATTENTION, (g * h, N, d, Nk), q)
+    if kind == 'packed':  # scores, softmax, mask and context in one pass: no scores are written
+        return packed_ops.binary_attention(
+            packed_ops.pack_signs(q.transpose(1, 2)), packed_ops.pack_signs(k.transpose(1, 2)),
+            packed_ops.pack_signs_transposed(v.transpose(1, 2)), float(attn_scale), float(threshold),
+            out=ws('ctx', g, h, N, d, dtype=torch.int32))
     scores, probs = ws('scores', g, h, N, Nk), ws('probs', g, h, N, Nk)
-    if kind == 'packed':
-        qp, kp = packed_ops.pack_signs(q.transpose(1, 2)), packed_ops.pack_signs(k.transpose(1, 2))
-        packed_ops.sign_bmm(qp, kp, attn_scale, out=scores)
-        torch.softmax(scores, -1, out=probs)
-        mask = packed_ops.pack_mask(probs, float(threshold))
-        return packed_ops.mask_sign_bmm(mask, packed_ops.pack_signs_transposed(v.transpose(1, 2)),
-                                        out=ws('ctx', g, h, N, d, dtype=torch.int32))
     low = torch.bfloat16 if kind == 'bf16' else q.dtype
     qh, kh, vh = _head_signs(q, low, ws, 'qh'), _head_signs(k, low, ws, 'kh'), _head_signs(v, low, ws, 'vh')
     dots = torch.bmm(qh, kh.transpose(1, 2), out=ws('dots', g * h, N, Nk, dtype=low))
@@ -381,9 +380,8 @@ def attention_context(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_sc
 
 # ---------------------------------------------------------------------------------------------
 # Candidates for the kernel chooser: each times the product as the deployed model runs it (the
-# sign or packing of the activations and any conversion included), on random operands. The
-# softmax between the attention products is the same for every kind and is left out, as the
-# packed candidate (timm_binaryvit.packed_ops) leaves it out.
+# sign or packing of the activations, any conversion and, for the attention, the softmax included),
+# on random operands.
 
 
 def _random(shape, dtype, device, seed: int) -> torch.Tensor:
@@ -438,18 +436,10 @@ def _make_attention(kind: str):
         BH, N, d, Nk = (int(s) for s in shape)
         q = _random((BH, N, 1, d), dtype, device, 0)
         k, v = _random((BH, Nk, 1, d), dtype, device, 1), _random((BH, Nk, 1, d), dtype, device, 2)
-        low = torch.bfloat16 if kind == 'bf16' else dtype
-        probs = torch.rand((BH, N, Nk), generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(
-            device=device, dtype=dtype)
-        threshold = torch.tensor(0.5, dtype=dtype, device=device)
-        ws = Workspace(probs)
-
-        def run():
-            qh, kh, vh = _head_signs(q, low, ws, 'qh'), _head_signs(k, low, ws, 'kh'), _head_signs(v, low, ws, 'vh')
-            dots = torch.bmm(qh, kh.transpose(1, 2), out=ws('dots', BH, N, Nk, dtype=low))
-            mask = torch.gt(probs, threshold, out=dots)
-            return torch.bmm(mask, vh, out=ws('ctx', BH, N, d, dtype=low))
-        return run
+        attn_scale = torch.full((1,), d ** -0.5, dtype=dtype, device=device)
+        threshold = torch.tensor(0.5 / Nk, dtype=dtype, device=device)  # about half the keys of a row
+        ws = Workspace(q)
+        return lambda: attention_context(q, k, v, attn_scale, threshold, ws, kind=kind)
     return make
 
 
@@ -480,3 +470,4 @@ kernels.register(FFN, 'int8', _make_ffn('int8'), _int8_unavailable)
 kernels.register(FFN, 'packed', _make_ffn('packed'), _packed_unavailable)
 kernels.register(ATTENTION, 'float', _make_attention('float'))
 kernels.register(ATTENTION, 'bf16', _make_attention('bf16'), _bf16_unavailable)
+kernels.register(ATTENTION, 'packed', _make_attention('packed'), _packed_unavailable)
