@@ -139,6 +139,10 @@ def dispatch_mode_active() -> bool:
     return _get_current_dispatch_mode() is not None
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace('torch.', '')
+
+
 def choose(product: str, shape: Tuple[int, ...], device=None, dtype: torch.dtype = torch.float32) -> str:
     """The kind of kernel that runs ``product`` for operands of ``shape`` on ``device``.
 
@@ -149,17 +153,17 @@ def choose(product: str, shape: Tuple[int, ...], device=None, dtype: torch.dtype
     """
     if torch.compiler.is_compiling():
         return 'float'
-    device = torch.device(device if device is not None else 'cpu')
-    if device.type != 'cpu' or dispatch_mode_active():
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device or 'cpu').type
+    if device_type != 'cpu' or dispatch_mode_active():
         return 'float'
-    key = (product, shape_class(shape), str(dtype).replace('torch.', ''), get_mode(), torch.get_num_threads())
+    key = (product, shape_class(shape), _dtype_name(dtype), get_mode(), torch.get_num_threads())
     found = _choices.get(key)
     if found is not None:
         return found.kind
     with _lock:
         found = _choices.get(key)
         if found is None:
-            found = _decide(product, key, dtype, device)
+            found = _decide(product, key, dtype, torch.device(device_type))
             _choices[key] = found
     return found.kind
 

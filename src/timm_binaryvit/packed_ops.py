@@ -253,9 +253,7 @@ class PackedSigns:
 
 
 def _new_planes(batch: int, rows: int, cols: int):
-    shape = (batch, (rows + 7) // 8, (cols + 63) // 64, 8)
-    return (torch.empty(shape, dtype=torch.int64), torch.empty(shape, dtype=torch.int64),
-            torch.empty(batch, shape[1] * 8, dtype=torch.int32))
+    return _ext_or_raise().new_planes(batch, rows, cols)
 
 
 def _as_4d(x: torch.Tensor, what: str) -> Tuple[torch.Tensor, Tuple[int, ...]]:
@@ -395,6 +393,17 @@ def _out_dtype(scale, bias) -> Optional[torch.dtype]:
     return dtype
 
 
+_shapes: Dict[torch.dtype, torch.Tensor] = {}
+
+
+def _shape_only(dtype: torch.dtype) -> torch.Tensor:
+    # a 1 x 1 tensor to expand into an output that only gives the kernel a shape and a dtype
+    t = _shapes.get(dtype)
+    if t is None:
+        t = _shapes[dtype] = torch.empty((1, 1), dtype=dtype)
+    return t
+
+
 def _make_out(out: Optional[torch.Tensor], shape, dtype) -> torch.Tensor:
     if out is None:
         return torch.empty(shape, dtype=dtype)
@@ -439,7 +448,7 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
             raise ValueError('a packed sign output needs a float result: give scale or bias')
         if out is not None:
             raise ValueError('out is not taken with packed=True: the result is returned as PackedSigns')
-        result = torch.empty((1, 1), dtype=dtype).expand(M, N)  # shape and dtype only: never written
+        result = _shape_only(dtype).expand(M, N)  # shape and dtype only: never written
     else:
         result = _make_out(out, (M, N), dtype or torch.int32)
     scale_t = bias3 = None
@@ -455,7 +464,8 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
             bias = bias.to(dtype)
         if bias.dim() == 2 and bias.shape[1] > 1 and bias.stride(1) != 1:
             bias = bias.contiguous()
-        bias3 = bias.expand(M, N).unsqueeze(0)
+        # a contiguous (N,) bias goes as it is (the kernel broadcasts it over the rows)
+        bias3 = bias if bias.dim() == 1 and bias.is_contiguous() else bias.expand(M, N).unsqueeze(0)
     if shortcut is not None:
         if dtype is None:
             raise ValueError('a shortcut needs a float result: give scale or bias')
@@ -481,10 +491,9 @@ def sign_gemm(a: PackedSigns, b: PackedSigns, scale: Optional[torch.Tensor] = No
                              f'G = {N} / E for E in 1, 2, 4, 8; got {means.dtype} {tuple(means.shape)}')
     if packed:
         signs = PackedSigns(*_new_planes(1, M, N), M, N)
-        signs.has_zeros = _run(ext, a, b, result.unsqueeze(0), scale_t, bias3, shortcut, prelu or (None, None), means,
-                               signs) > 0
+        signs.has_zeros = _run(ext, a, b, result, scale_t, bias3, shortcut, prelu or (None, None), means, signs) > 0
         return signs
-    _run(ext, a, b, result.unsqueeze(0), scale_t, bias3, shortcut, prelu or (None, None), means)
+    _run(ext, a, b, result, scale_t, bias3, shortcut, prelu or (None, None), means)
     return result
 
 

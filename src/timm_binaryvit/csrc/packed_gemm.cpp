@@ -626,11 +626,12 @@ int block_table_mode(int isa, int mode, BlockFn* fns) {
 // constant, for slopes <= 1; see the deploy runtime's FoldedPReLU); with means (M, G) (batch 1, unit
 // column stride, E = N / G dividing 8), also means[i, g] = the mean of out[i, g E .. g E + E - 1].
 // a planes (Ba, P, Kw, 8) and b planes (Bb, Q, Kw, 8), Ba and Bb each 1 or the batch of out;
-// out (batch, M, N) with unit column stride; bias expanded to out's shape (zero strides allowed).
+// out (batch, M, N) or (M, N) with unit column stride; bias (N,), or expanded to out's shape (zero
+// strides allowed).
 int64_t sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const torch::Tensor& acnt, bool a_zeros,
                const torch::Tensor& bneg, const torch::Tensor& bnz, const torch::Tensor& bcnt, bool b_zeros,
                int64_t K, torch::Tensor out, const c10::optional<torch::Tensor>& scale,
-               const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& shortcut,
+               c10::optional<torch::Tensor> bias, const c10::optional<torch::Tensor>& shortcut,
                const c10::optional<torch::Tensor>& prelu_slope, const c10::optional<torch::Tensor>& prelu_offset,
                const c10::optional<torch::Tensor>& means, const c10::optional<torch::Tensor>& signs_neg,
                const c10::optional<torch::Tensor>& signs_nz, const c10::optional<torch::Tensor>& signs_cnt,
@@ -641,8 +642,13 @@ int64_t sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const tor
   TORCH_CHECK(to_signs == signs_nz.has_value() && to_signs == signs_cnt.has_value(),
               "packed sign output needs neg, nz and cnt");
   // With a packed sign output, out only gives the result's shape and dtype (it may have zero strides).
+  if (out.dim() == 2) out = out.unsqueeze(0);
   TORCH_CHECK(out.dim() == 3 && (out.stride(2) == 1 || to_signs), "out must be 3-D with unit column stride");
   const int64_t batch = out.size(0), M = out.size(1), N = out.size(2);
+  if (bias.has_value() && bias->dim() == 1) {
+    TORCH_CHECK(bias->size(0) == N && bias->is_contiguous(), "a 1-D bias must be contiguous (N,)");
+    bias = bias->expand({batch, M, N});
+  }
   const int64_t Kw = aneg.size(2), P = aneg.size(1), Q = bneg.size(1);
   TORCH_CHECK(bneg.size(2) == Kw && Kw == (K + 63) / 64, "a and b disagree on the packed K");
   TORCH_CHECK(P * PW >= M && Q * PW >= N, "out is larger than the packed operands");
@@ -798,6 +804,16 @@ int64_t sign_gemm(const torch::Tensor& aneg, const torch::Tensor& anz, const tor
   return count_nonzeros(words(*signs_nz), Pm, Kw_out, M, N, signs_cnt->data_ptr<int32_t>(), has_popcnt());
 }
 
+// Empty planes and row counts of a packed operand of (batch, rows, cols): one call instead of three
+// tensor allocations from Python, whose overhead costs more than packing a small operand.
+std::vector<torch::Tensor> new_planes(int64_t batch, int64_t rows, int64_t cols) {
+  TORCH_CHECK(batch >= 0 && rows >= 0 && cols >= 0, "planes need non-negative sizes");
+  const int64_t panels = (rows + PW - 1) / PW, words = (cols + 63) / 64;
+  const auto i64 = torch::TensorOptions().dtype(torch::kInt64);
+  return {torch::empty({batch, panels, words, PW}, i64), torch::empty({batch, panels, words, PW}, i64),
+          torch::empty({batch, panels * PW}, torch::TensorOptions().dtype(torch::kInt32))};
+}
+
 std::vector<int64_t> supported_isas() {
   std::vector<int64_t> out;
   for (int i = ISA_AVX512; i >= ISA_PORTABLE; --i)
@@ -810,6 +826,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_gemm", &sign_gemm, "exact product of packed ternary operands");
   m.def("pack", &pack, "fused shift + sign (or compare) + pack");
   m.def("from_sign_bits", &from_sign_bits, "packed file bits -> kernel planes");
+  m.def("new_planes", &new_planes, "empty planes and row counts of a packed operand");
   m.def("supported_isas", &supported_isas, "isa codes this CPU runs, best first");
   m.def("binary_attention", &binary_attention, "binary attention (dots, softmax mask, context) in one pass");
   m.def("approx_sign_backward", &approx_sign_backward, "ApproxSign's pseudo-gradient in one pass");
