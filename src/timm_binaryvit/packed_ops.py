@@ -7,7 +7,11 @@ popcount per 64 products when a side has no zeros. The results are integers, exa
 product of the signs, ``sign(0) = 0`` included (exact zeros of the centred weights, zero padding,
 activations exactly at their threshold).
 
-The extension (``csrc/packed_gemm.cpp`` and ``csrc/packed_pack.cpp``) is compiled on first use with
+The attention runs in one pass per query row (:func:`binary_attention`): dots, softmax mask and context,
+with no score written.
+
+The extension (``csrc/packed_gemm.cpp``, ``csrc/packed_pack.cpp``, ``csrc/packed_attention.cpp``; with
+``csrc/train_ops.cpp``, the training model's one-pass backward kernels) is compiled on first use with
 ``torch.utils.cpp_extension.load`` and cached in torch's extension directory (``TORCH_EXTENSIONS_DIR``
 moves it); one shared object holds an AVX-512 VPOPCNTDQ path, an AVX2 path (vpshufb nibble
 popcount) and a portable one (``__builtin_popcountll``, any CPU), chosen at run time from the CPU's
