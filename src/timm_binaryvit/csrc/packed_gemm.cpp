@@ -429,6 +429,79 @@ TGT_AVX512 AI void store8_avx512(__m512i v, OutT* out, const OutT* scale, const 
   }
 }
 
+// The epilogue of block_avx512: counts -> results, stored (int32, float, double) and, for float,
+// finished in registers: packed signs (b.sneg) and the means of column groups. FFN1: every condition
+// of a binary FFN's first layer holds (see block_avx512), so that no branch or store is left in it.
+template <int MODE, int C, typename OutT, bool FFN1>
+TGT_AVX512 AI void finish_block_avx512(const Block& b, const __m512i (&acc)[PW][C],
+                                       const __m512i (&accp)[PW][MODE == BOTH ? C : 1], const __m512i (&base_b)[C],
+                                       const __mmask8 (&masks)[C]) {
+  OutT* out = static_cast<OutT*>(b.out);
+  const OutT* scale = static_cast<const OutT*>(b.scale);
+  const OutT* bias = static_cast<const OutT*>(b.bias);
+  const OutT* slope = static_cast<const OutT*>(b.slope);
+  const OutT* offset = static_cast<const OutT*>(b.offset);
+  constexpr bool is_float = std::is_same<OutT, float>::value;
+  // Float results are finished here while in registers: their signs packed (b.sneg) and the means
+  // of their column groups, panel by panel (a store and reload of the block costs about as much as
+  // its product at K = 64).
+  const bool panel_means = FFN1 || (is_float && b.means && panel_means_fit(b));
+  // the block's fields as locals: the byte stores of the signs could alias the block itself, which
+  // would otherwise make the compiler reload every field after each of them
+  const int rows = FFN1 ? PW : b.rows;
+  const int32_t K = b.K;
+  const int32_t* const acnt = b.acnt;
+  const int64_t ldo = b.ldo, ldb = FFN1 ? 0 : b.ldb, lds = b.lds, col_panel0 = b.col0 / PW;
+  unsigned char* const sneg = b.sneg;
+  unsigned char* const snz = b.snz;
+  const __m256 zero = _mm256_setzero_ps();
+  for (int c = 0; c < C; ++c) {
+    // the shortcut's column, once per panel (its period is a multiple of 8: no wrap inside a panel)
+    const OutT* shortcut_c =
+        FFN1 || b.shortcut ? static_cast<const OutT*>(b.shortcut) + (b.col0 + PW * c) % b.period : nullptr;
+    const OutT* s = scale ? scale + PW * c : nullptr;
+    const OutT* sl = FFN1 || slope ? slope + PW * c : nullptr;
+    const OutT* of = FFN1 || slope ? offset + PW * c : nullptr;
+    const __mmask8 m = FFN1 ? 0xff : masks[c];
+    PanelPs ps;
+    if constexpr (is_float) {
+      ps.scale = _mm256_maskz_loadu_ps(m, s);
+      ps.bias = _mm256_maskz_loadu_ps(m, bias + PW * c);  // row 0's; the only one when ldb == 0
+      ps.slope = sl ? _mm256_maskz_loadu_ps(m, sl) : zero;
+      ps.offset = sl ? _mm256_maskz_loadu_ps(m, of) : zero;
+    }
+    __m256 panel[PW];
+    for (int r = 0; r < rows; ++r) {
+      __m512i base;
+      if (MODE == XOR) base = _mm512_set1_epi64(K);
+      else if (MODE == MASK_A) base = _mm512_set1_epi64(acnt[r]);
+      else if (MODE == MASK_B) base = base_b[c];
+      else base = accp[r][MODE == BOTH ? c : 0];
+      const __m512i v = _mm512_sub_epi64(base, _mm512_slli_epi64(acc[r][c], 1));
+      OutT* o = out + r * ldo + PW * c;
+      const OutT* sc = FFN1 || shortcut_c ? shortcut_c + r * lds : nullptr;
+      if constexpr (is_float) {
+        const __m256 bias_r = ldb ? _mm256_maskz_loadu_ps(m, bias + r * ldb + PW * c) : ps.bias;
+        const __m256 y = epilogue8_ps(v, ps, bias_r, sc, FFN1 || sl != nullptr, m);
+        if (!FFN1) store8_ps(o, y, m);
+        if (FFN1 || sneg) {  // a NaN packs as 0, as pack_signs does
+          const int64_t byte = sign_byte(col_panel0 + c, r);
+          sneg[byte] = _mm256_mask_cmp_ps_mask(m, y, zero, _CMP_LT_OQ);
+          snz[byte] = _mm256_mask_cmp_ps_mask(m, y, zero, _CMP_NEQ_OQ);
+        }
+        panel[r] = y;
+      } else {
+        store8_avx512<OutT>(v, o, s, bias ? bias + r * ldb + PW * c : nullptr, sc, sl, of, m);
+      }
+    }
+    if (panel_means)
+      panel_means_avx2(panel, b.group, static_cast<float*>(b.means) + (b.col0 + PW * c) / b.group, b.ldm);
+  }
+  if constexpr (is_float && !FFN1) {
+    if (b.means && !panel_means) group_means<float>(b);
+  }
+}
+
 template <int MODE, int C, typename OutT>
 TGT_AVX512 void block_avx512(const Block& b) {
   __m512i acc[PW][C], accp[PW][MODE == BOTH ? C : 1];
@@ -475,69 +548,15 @@ TGT_AVX512 void block_avx512(const Block& b) {
     if (MODE == MASK_B)
       base_b[c] = _mm512_cvtepi32_epi64(_mm256_maskz_loadu_epi32(masks[c], b.bcnt + PW * c));
   }
-  OutT* out = static_cast<OutT*>(b.out);
-  const OutT* scale = static_cast<const OutT*>(b.scale);
-  const OutT* bias = static_cast<const OutT*>(b.bias);
-  const OutT* slope = static_cast<const OutT*>(b.slope);
-  const OutT* offset = static_cast<const OutT*>(b.offset);
-  constexpr bool is_float = std::is_same<OutT, float>::value;
-  // Float results are finished here while in registers: their signs packed (b.sneg) and the means
-  // of their column groups, panel by panel (a store and reload of the block costs about as much as
-  // its product at K = 64).
-  const bool panel_means = is_float && b.means && panel_means_fit(b);
-  // the block's fields as locals: the byte stores of the signs could alias the block itself, which
-  // would otherwise make the compiler reload every field after each of them
-  const int rows = b.rows;
-  const int32_t K = b.K;
-  const int32_t* const acnt = b.acnt;
-  const int64_t ldo = b.ldo, ldb = b.ldb, lds = b.lds, col_panel0 = b.col0 / PW;
-  unsigned char* const sneg = b.sneg;
-  unsigned char* const snz = b.snz;
-  const __m256 zero = _mm256_setzero_ps();
-  for (int c = 0; c < C; ++c) {
-    // the shortcut's column, once per panel (its period is a multiple of 8: no wrap inside a panel)
-    const OutT* shortcut_c = b.shortcut ? static_cast<const OutT*>(b.shortcut) + (b.col0 + PW * c) % b.period : nullptr;
-    const OutT* s = scale ? scale + PW * c : nullptr;
-    const OutT* sl = slope ? slope + PW * c : nullptr;
-    const OutT* of = slope ? offset + PW * c : nullptr;
-    const __mmask8 m = masks[c];
-    PanelPs ps;
-    if constexpr (is_float) {
-      ps.scale = _mm256_maskz_loadu_ps(m, s);
-      ps.bias = _mm256_maskz_loadu_ps(m, bias + PW * c);  // row 0's; the only one when ldb == 0
-      ps.slope = sl ? _mm256_maskz_loadu_ps(m, sl) : zero;
-      ps.offset = sl ? _mm256_maskz_loadu_ps(m, of) : zero;
+  if constexpr (std::is_same<OutT, float>::value) {
+    // A binary FFN's first layer: shortcut, PReLU, packed signs and vectorised means on full panels,
+    // with one bias row; its results are never stored, and the compiler sees every condition fixed.
+    if (b.sneg && b.shortcut && b.slope && b.means && b.ldb == 0 && b.cols == PW * C && panel_means_fit(b)) {
+      finish_block_avx512<MODE, C, OutT, true>(b, acc, accp, base_b, masks);
+      return;
     }
-    __m256 panel[PW];
-    for (int r = 0; r < rows; ++r) {
-      __m512i base;
-      if (MODE == XOR) base = _mm512_set1_epi64(K);
-      else if (MODE == MASK_A) base = _mm512_set1_epi64(acnt[r]);
-      else if (MODE == MASK_B) base = base_b[c];
-      else base = accp[r][MODE == BOTH ? c : 0];
-      const __m512i v = _mm512_sub_epi64(base, _mm512_slli_epi64(acc[r][c], 1));
-      OutT* o = out + r * ldo + PW * c;
-      const OutT* sc = shortcut_c ? shortcut_c + r * lds : nullptr;
-      if constexpr (is_float) {
-        const __m256 bias_r = ldb ? _mm256_maskz_loadu_ps(m, bias + r * ldb + PW * c) : ps.bias;
-        const __m256 y = epilogue8_ps(v, ps, bias_r, sc, sl != nullptr, m);
-        store8_ps(o, y, m);
-        if (sneg) {  // a NaN packs as 0, as pack_signs does
-          const int64_t byte = sign_byte(col_panel0 + c, r);
-          sneg[byte] = _mm256_mask_cmp_ps_mask(m, y, zero, _CMP_LT_OQ);
-          snz[byte] = _mm256_mask_cmp_ps_mask(m, y, zero, _CMP_NEQ_OQ);
-        }
-        panel[r] = y;
-      } else {
-        store8_avx512<OutT>(v, o, s, bias ? bias + r * ldb + PW * c : nullptr, sc, sl, of, m);
-      }
-    }
-    if (panel_means)
-      panel_means_avx2(panel, b.group, static_cast<float*>(b.means) + (b.col0 + PW * c) / b.group, b.ldm);
   }
-  if constexpr (is_float) {
-    if (b.means && !panel_means) group_means<float>(b);
-  }
+  finish_block_avx512<MODE, C, OutT, false>(b, acc, accp, base_b, masks);
 }
 #endif  // TBV_X86
 
