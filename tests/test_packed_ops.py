@@ -297,8 +297,9 @@ def test_binary_attention_rejects_bad_operands(ext):
     vt = packed_ops.pack_signs_transposed(torch.randn(2, 7, 16))
     with pytest.raises(ValueError, match='transposed'):
         packed_ops.binary_attention(q, k, v, 0.25, 0.1)
-    with pytest.raises(ValueError, match='positive'):
-        packed_ops.binary_attention(q, k, vt, 0.0, 0.1)
+    for scale in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match='positive and finite'):
+            packed_ops.binary_attention(q, k, vt, scale, 0.1)
     with pytest.raises(ValueError, match='batch'):
         packed_ops.binary_attention(q, packed_ops.pack_signs(torch.randn(7, 16)), vt, 0.25, 0.1)
     with pytest.raises(TypeError, match='signs'):

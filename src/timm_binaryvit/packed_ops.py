@@ -24,6 +24,7 @@ forces that fallback without a warning.
 These are inference kernels (no autograd): forward only, used by deployed models.
 """
 import contextlib
+import math
 import os
 import shutil
 import threading
@@ -559,8 +560,8 @@ def binary_attention(q: PackedSigns, k: PackedSigns, v: PackedSigns, scale: floa
     if v.cols != k.rows:
         raise ValueError(f'v must be packed transposed with {k.rows} key columns (pack_signs_transposed), '
                          f'got {v.cols}')
-    if not scale > 0:
-        raise ValueError(f'scale must be positive, got {scale}')
+    if not 0 < scale < math.inf:
+        raise ValueError(f'scale must be positive and finite, got {scale}')
     B = q.neg.shape[0]
     shape = tuple(q.batch) + (q.rows, v.rows)
     result = _make_out(out, shape, torch.int32)

@@ -12,6 +12,9 @@
 // threshold.
 #include "packed_common.h"
 
+#include <cmath>
+#include <vector>
+
 using namespace tbv;
 
 namespace {
@@ -214,7 +217,7 @@ void binary_attention(const torch::Tensor& qn, const torch::Tensor& qz, const to
   const int64_t B = out.size(0), N = out.size(1), d = out.size(2);
   const int64_t Kw = (K + 63) / 64, Kwv = (Nk + 63) / 64;
   TORCH_CHECK(K > 0 && Nk > 0, "the attention needs at least one key and one channel of q and k");
-  TORCH_CHECK(scale > 0, "the score scale must be positive, got ", scale);
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), "the score scale must be positive and finite, got ", scale);
   TORCH_CHECK(qn.size(0) == B && kn.size(0) == B && vn.size(0) == B, "q, k, v and out must have the same batch");
   TORCH_CHECK(qn.size(2) == Kw && kn.size(2) == Kw, "q and k must be packed with ", K, " columns");
   TORCH_CHECK(qn.size(1) * PW >= N && kn.size(1) * PW >= Nk, "q or k has fewer rows than out or Nk");
