@@ -139,10 +139,6 @@ def dispatch_mode_active() -> bool:
     return _get_current_dispatch_mode() is not None
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace('torch.', '')
-
-
 def choose(product: str, shape: Tuple[int, ...], device=None, dtype: torch.dtype = torch.float32) -> str:
     """The kind of kernel that runs ``product`` for operands of ``shape`` on ``device``.
 
@@ -156,7 +152,7 @@ def choose(product: str, shape: Tuple[int, ...], device=None, dtype: torch.dtype
     device_type = device.type if isinstance(device, torch.device) else torch.device(device or 'cpu').type
     if device_type != 'cpu' or dispatch_mode_active():
         return 'float'
-    key = (product, shape_class(shape), _dtype_name(dtype), get_mode(), torch.get_num_threads())
+    key = (product, shape_class(shape), str(dtype).replace('torch.', ''), get_mode(), torch.get_num_threads())
     found = _choices.get(key)
     if found is not None:
         return found.kind

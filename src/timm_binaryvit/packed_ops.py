@@ -37,7 +37,8 @@ import torch
 __all__ = [
     'ENV_DISABLE', 'ENV_ISA', 'ISAS', 'PackedSigns', 'extension', 'available', 'unavailable_reason', 'isa', 'supported_isas',
     'use_isa', 'pack_signs', 'pack_signs_transposed', 'pack_sign_values', 'pack_mask', 'from_sign_bits',
-    'sign_gemm', 'sign_bmm', 'mask_sign_bmm', 'binary_attention', 'register_candidates', 'epilogue_repeats', 'epilogue_groups',
+    'sign_gemm', 'sign_bmm', 'mask_sign_bmm', 'binary_attention', 'register_candidates', 'unavailable_for',
+    'epilogue_repeats', 'epilogue_groups',
 ]
 
 #: ``1`` forces the float fallback (the extension is neither built nor loaded).
@@ -580,7 +581,10 @@ def binary_attention(q: PackedSigns, k: PackedSigns, v: PackedSigns, scale: floa
 # The timed callables include the packing of the activations, which the deployed model pays.
 
 
-def _unavailable(shape, dtype, device) -> Optional[str]:
+def unavailable_for(shape, dtype, device) -> Optional[str]:
+    """Why the packed kernels cannot run a product of ``shape`` on ``dtype`` / ``device`` operands (the
+    chooser's availability check of every ``packed`` candidate), or None where they can; builds the
+    extension the first time it is asked about a CPU float product."""
     if torch.device(device).type != 'cpu':
         return 'packed kernels run on the CPU only'
     if dtype not in (torch.float32, torch.float64):
@@ -616,5 +620,5 @@ def register_candidates() -> None:
     (idempotent: registering again replaces the same candidates). Does not build the extension:
     that happens when the chooser first asks whether ``packed`` is available."""
     from . import kernels
-    kernels.register('deploy_linear', 'packed', _make_linear, _unavailable)
-    kernels.register('deploy_attention', 'packed', _make_attention, _unavailable)
+    kernels.register('deploy_linear', 'packed', _make_linear, unavailable_for)
+    kernels.register('deploy_attention', 'packed', _make_attention, unavailable_for)

@@ -450,24 +450,13 @@ def _bf16_unavailable(shape, dtype, device) -> Optional[str]:
     return None
 
 
-def _packed_unavailable(shape, dtype, device) -> Optional[str]:
-    if torch.device(device).type != 'cpu':
-        return 'packed kernels run on the CPU only'
-    if dtype not in (torch.float32, torch.float64):
-        return f'packed kernels take float32 or float64 activations, not {dtype}'
-    if not packed_ops.available():  # builds the extension the first time
-        return packed_ops.unavailable_reason()
-    return None
-
-
-packed_ops.register_candidates()  # 'packed' for both products (the build waits for the first use)
 kernels.register(LINEAR, 'float', _make_linear('float'))
 kernels.register(LINEAR, 'int8', _make_linear('int8'), _int8_unavailable)
 # the layer's own run() with its shortcut pass, as the float and int8 candidates do
-kernels.register(LINEAR, 'packed', _make_linear('packed'), _packed_unavailable)
+kernels.register(LINEAR, 'packed', _make_linear('packed'), packed_ops.unavailable_for)
 kernels.register(FFN, 'float', _make_ffn('float'))
 kernels.register(FFN, 'int8', _make_ffn('int8'), _int8_unavailable)
-kernels.register(FFN, 'packed', _make_ffn('packed'), _packed_unavailable)
+kernels.register(FFN, 'packed', _make_ffn('packed'), packed_ops.unavailable_for)
 kernels.register(ATTENTION, 'float', _make_attention('float'))
 kernels.register(ATTENTION, 'bf16', _make_attention('bf16'), _bf16_unavailable)
-kernels.register(ATTENTION, 'packed', _make_attention('packed'), _packed_unavailable)
+kernels.register(ATTENTION, 'packed', _make_attention('packed'), packed_ops.unavailable_for)
