@@ -22,7 +22,7 @@ namespace {
 struct Attention {
   const u64 *qn, *qz, *kn, *kz, *vn, *vz;  // this batch entry's planes
   const int32_t *qcnt, *kcnt;
-  int64_t N, Nk, d, Kw, Kwv;
+  int64_t Nk, d, Kw, Kwv;
   int32_t K;
   const double* e;  // e[t] = exp(-scale t), t = 0 .. 2 K
   double threshold;
@@ -31,6 +31,14 @@ struct Attention {
 };
 
 inline int popcount64(u64 x) { return __builtin_popcountll(x); }
+
+// The lowest dot product a row's mask keeps, given its largest dot dmax and softmax denominator Z:
+// the key of dot dmax - t has probability e[t] / Z, which decreases with t (dmax + 1: none).
+AI int32_t lowest_kept(const Attention& a, int32_t dmax, double Z) {
+  int32_t cut = -1;
+  while (cut < 2 * a.K && a.e[cut + 1] / Z > a.threshold) ++cut;
+  return dmax - cut;
+}
 
 // One query row i: its dots with every key, the mask, the context.
 template <bool QZ, bool KZ, bool VZ>
@@ -60,11 +68,8 @@ AI void attention_row(const Attention& a, int64_t i, int32_t* dots, u64* mask) {
   }
   double Z = 0;
   for (int64_t j = 0; j < a.Nk; ++j) Z += a.e[dmax - dots[j]];
-  // the largest t = dmax - dot whose probability e[t] / Z exceeds the threshold (-1: none)
-  int32_t cut = -1;
-  while (cut < 2 * a.K && a.e[cut + 1] / Z > a.threshold) ++cut;
   std::fill(mask, mask + a.Kwv, u64(0));
-  const int32_t lowest = dmax - cut;  // the mask is dot >= lowest
+  const int32_t lowest = lowest_kept(a, dmax, Z);  // the mask is dot >= lowest
   for (int64_t j = 0; j < a.Nk; ++j) mask[j >> 6] |= u64(dots[j] >= lowest) << (j & 63);
   int32_t selected = 0;
   if (!VZ)
@@ -140,9 +145,7 @@ TGT_AVX512 void rows_avx512(const Attention& a, int64_t i0, int64_t i1, int32_t*
       z = _mm512_add_pd(z, _mm512_mask_i32gather_pd(_mm512_setzero_pd(), valid, t, a.e, 8));
     }
     const double Z = _mm512_reduce_add_pd(z);
-    int32_t cut = -1;
-    while (cut < 2 * a.K && a.e[cut + 1] / Z > a.threshold) ++cut;
-    const __m512i lowest = _mm512_set1_epi32(dmax - cut);
+    const __m512i lowest = _mm512_set1_epi32(lowest_kept(a, dmax, Z));
     int32_t selected = 0;
     for (int64_t w = 0; w < a.Kwv; ++w) {
       u64 word = 0;
@@ -204,7 +207,7 @@ RowsFn pick_rows(bool qz, bool kz, bool vz, int isa) {
 
 // q planes (B, ceil(N / 8), Kw, 8) and k planes (B, ceil(Nk / 8), Kw, 8) of K columns; v planes
 // (B, ceil(d / 8), ceil(Nk / 64), 8), v transposed (channels by keys, pack_signs_transposed); out
-// int32 (B, N, d) with unit column stride. scale > 0.
+// int32 (B, N, d) with unit column stride. scale positive and finite.
 void binary_attention(const torch::Tensor& qn, const torch::Tensor& qz, const torch::Tensor& qcnt, bool q_zeros,
                       const torch::Tensor& kn, const torch::Tensor& kz, const torch::Tensor& kcnt, bool k_zeros,
                       const torch::Tensor& vn, const torch::Tensor& vz, bool v_zeros, int64_t K, int64_t Nk,
@@ -245,7 +248,7 @@ void binary_attention(const torch::Tensor& qn, const torch::Tensor& qz, const to
       a.kn = kn0 + b * k_bs; a.kz = kz0 + b * k_bs;
       a.vn = vn0 + b * v_bs; a.vz = vz0 + b * v_bs;
       a.qcnt = qc0 + b * qcnt.size(-1); a.kcnt = kc0 + b * kcnt.size(-1);
-      a.N = N; a.Nk = Nk; a.d = d; a.Kw = Kw; a.Kwv = Kwv;
+      a.Nk = Nk; a.d = d; a.Kw = Kw; a.Kwv = Kwv;
       a.K = static_cast<int32_t>(K);
       a.e = e.data();
       a.threshold = threshold;
