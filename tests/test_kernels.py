@@ -105,6 +105,26 @@ def test_disk_cache_round_trip(monkeypatch, tmp_path):
     assert kernels.choose('sign_mm', (64, 64, 64)) == 'float'  # a broken cache file is ignored
 
 
+
+def test_instruction_set_limits_are_named_and_kept_apart(monkeypatch, tmp_path):
+    # A run with torch / oneDNN / the packed kernels held below the CPU's instruction sets (an AVX2-only
+    # machine played on an AVX-512 one) says so beside its figures and keeps its own disk-cache entries.
+    for name in kernels.ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    assert 'limited' not in kernels.describe_machine()
+    path = tmp_path / 'kernels.json'
+    monkeypatch.setenv(kernels.ENV_CACHE, str(path))
+    fake_clock(monkeypatch, {'float': 0.010, 'int8': 0.001})
+    assert kernels.choose('sign_mm', (64, 64, 64)) == 'int8'
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+    monkeypatch.setenv('TIMM_BINARYVIT_PACKED_ISA', 'avx2')
+    assert kernels.describe_machine().endswith(
+        '; instruction sets limited by ONEDNN_MAX_CPU_ISA=AVX2 TIMM_BINARYVIT_PACKED_ISA=avx2')
+    kernels.clear_cache()
+    fake_clock(monkeypatch, {'float': 0.001, 'int8': 0.010})  # int8 is slow under the limit
+    assert kernels.choose('sign_mm', (64, 64, 64)) == 'float'  # measured, not the unlimited run's entry
+    assert len(json.loads(path.read_text())) == 2
+
 def test_measuring_leaves_the_global_random_state_alone():
     state = torch.get_rng_state()
     kernels.choose('sign_mm', (32, 16, 8))

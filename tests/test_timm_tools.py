@@ -143,3 +143,44 @@ def test_compiled_model_trains_and_evaluates_like_eager(name, dynamic):
         torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
         assert got.keys() == eager.keys() and _relative(got, eager) < 1e-4
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name, chunked, dynamic', [
+    ('binaryvit_small_patch4_224', True, True), ('binary_deit_small_gap_mb_affine_patch16_224', False, False)])
+def test_compiled_training_runs_the_fused_ffn_operator(name, chunked, dynamic, monkeypatch):
+    # Under torch.compile each training FFN is the custom operator timm_binaryvit::binary_ffn: the compiled
+    # step runs the eager fused forward and backward passes (chunked, hidden activations never kept) and
+    # updates the BatchNorm running statistics exactly as eager training does.
+    import copy
+    from timm_binaryvit import fused
+    from timm_binaryvit.blocks import BinaryMlp
+    calls = []
+    for fn in ('_ffn_forward', '_ffn_backward'):
+        original = getattr(fused, fn)
+        monkeypatch.setattr(fused, fn, lambda *a, _f=original, _n=fn: (calls.append(_n), _f(*a))[1])
+    model = _perturb(tiny(name)).train()
+    mlps = [m for m in model.modules() if isinstance(m, BinaryMlp)]
+    if chunked:  # a few rows per chunk, so that the chunk loop and the Gram-matrix statistics run
+        for mlp in mlps:
+            mlp.unchunked_elements, mlp.chunk_elements = 0, 16 * 4 * mlp.dim
+    twin = copy.deepcopy(model)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    g = torch.randn(3, 5, generator=torch.Generator().manual_seed(6))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend='aot_eager', dynamic=dynamic)
+    out = compiled(x)
+    (out * g).sum().backward()
+    assert calls == ['_ffn_forward'] * len(mlps) + ['_ffn_backward'] * len(mlps)
+    eager_out = twin(x)
+    (eager_out * g).sum().backward()
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    eager = {n: p.grad for n, p in twin.named_parameters()}
+    assert _relative(grads, eager) < 1e-4
+    state, eager_state = model.state_dict(), twin.state_dict()
+    stats = [k for k in state if k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    assert any('.mlp.' in k for k in stats)
+    for k in stats:
+        torch.testing.assert_close(state[k], eager_state[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert all(state[k].item() == 1 for k in stats if k.endswith('num_batches_tracked') and '.mlp.' in k)

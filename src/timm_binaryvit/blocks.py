@@ -25,7 +25,7 @@ from timm.layers import DropPath, register_notrace_module
 from .batchnorm import TokenBatchNorm, frozen_batchnorm_stats, norm_add_rprelu
 from .dispatch import sign_product
 from .folded_eval import foldable, folded_twin, forget_twin
-from .fused import FusedPath, binary_attention_product, binary_ffn, pool_branches
+from .fused import FusedPath, binary_attention_product, binary_ffn, binary_ffn_operator, compiled_fusable, pool_branches
 from .layers import (
     Affine, BinaryActivation, BinaryLinear, ElasticBinarizer, RPReLU, binary_linear, grid_to_tokens, tokens_to_grid)
 
@@ -223,12 +223,28 @@ class BinaryMlp(FusedPath):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_fused(x):
             return self.forward_fused(x)
+        if self.use_operator(x):
+            return self.forward_operator(x)
         return self.forward_modules(x)
 
     @torch.jit.unused
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         """The fused path: the same values and gradients as :meth:`forward_modules`."""
         return binary_ffn(x, self)
+
+    def use_operator(self, x: torch.Tensor) -> bool:
+        if torch.jit.is_scripting():
+            return False
+        return self._operator_allowed(x)
+
+    @torch.jit.unused
+    def _operator_allowed(self, x: torch.Tensor) -> bool:
+        return self.fused_structure() and compiled_fusable(x, self)
+
+    @torch.jit.unused
+    def forward_operator(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused path as one custom operator, which ``torch.compile`` keeps whole (training mode)."""
+        return binary_ffn_operator(x, self)
 
     @torch.jit.unused
     def fused_structure(self) -> bool:

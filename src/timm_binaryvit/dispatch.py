@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from . import kernels
 
-__all__ = ['stock_operators', 'use_custom_autograd', 'sign_mm_kind', 'sign_product']
+__all__ = ['stock_operators', 'use_custom_autograd', 'custom_operator_allowed', 'sign_mm_kind', 'sign_product']
 
 
 @contextlib.contextmanager
@@ -54,15 +54,30 @@ def stock_operators():
         yield
 
 
-@torch.jit.unused
-def _custom_autograd_allowed(x: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-        return False
+def _plain_float(x: torch.Tensor) -> bool:
+    # float32 / float64 on the CPU or CUDA, no autocast, outside stock_operators()
     if getattr(_stock_only, 'value', False):
         return False
     if x.dtype not in (torch.float32, torch.float64) or x.device.type not in ('cpu', 'cuda'):
         return False
     return not torch.is_autocast_enabled(x.device.type)
+
+
+@torch.jit.unused
+def _custom_autograd_allowed(x: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    return _plain_float(x)
+
+
+@torch.jit.unused
+def custom_operator_allowed(x: torch.Tensor) -> bool:
+    """Whether ``torch.compile`` is tracing (not ``torch.export`` or ONNX export, whose graphs must hold
+    stock operators) for ``x`` on which the custom autograd functions would run in eager mode: then the
+    fused custom operators (``timm_binaryvit::binary_ffn``) may stand in for them."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+        return False
+    return _plain_float(x)
 
 
 def use_custom_autograd(x: torch.Tensor) -> bool:

@@ -30,7 +30,8 @@ import torch
 
 __all__ = [
     'MODES', 'ENV_MODE', 'ENV_CACHE', 'Choice', 'register', 'choose', 'get_mode', 'set_mode', 'kernel_mode',
-    'choices', 'clear_cache', 'cpu_info', 'describe_machine', 'dispatch_mode_active', 'report', 'shape_class',
+    'choices', 'clear_cache', 'cpu_info', 'describe_machine', 'dispatch_mode_active', 'isa_limits', 'report',
+    'shape_class',
 ]
 
 #: Environment variable that forces one kind of kernel (``auto`` measures).
@@ -237,7 +238,7 @@ def _time_interleaved(runs: Dict[str, Callable[[], object]], failed: Dict[str, s
 
 def _disk_key(key: tuple) -> str:
     info = cpu_info()
-    return '|'.join([info['model'], torch.__version__, *map(str, key)])
+    return '|'.join([info['model'], torch.__version__, isa_limits(), *map(str, key)])
 
 
 def _disk_cache() -> Dict[str, str]:
@@ -320,12 +321,25 @@ def cpu_info() -> Dict[str, object]:
     return dict(_cpu_info, threads=torch.get_num_threads())
 
 
+# Settings that keep torch, oneDNN or the packed kernels below what the CPU offers (e.g. to run an
+# AVX2-only instruction set on an AVX-512 machine): a figure measured under them must say so.
+ISA_LIMITS = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'DNNL_MAX_CPU_ISA', 'TIMM_BINARYVIT_PACKED_ISA')
+
+
+def isa_limits() -> str:
+    """The instruction-set limits set in the environment (``NAME=value ...``), or ``''``."""
+    return ' '.join(f'{name}={os.environ[name]}' for name in ISA_LIMITS if os.environ.get(name, '').strip())
+
+
 def describe_machine() -> str:
-    """One line naming the CPU, the flags that matter, torch's capability and the thread count."""
+    """One line naming the CPU, the flags that matter, torch's capability, the thread count and any
+    instruction-set limit set in the environment."""
     info = cpu_info()
     x86 = [f for f in info['flags'] if f not in ('asimd', 'sve')] or info['flags']
+    limits = isa_limits()
     return (f'{info["model"]}; flags: {" ".join(x86) or "none of interest"}; torch {info["torch"]} '
-            f'(CPU capability {info["capability"]}), {info["threads"]} threads')
+            f'(CPU capability {info["capability"]}), {info["threads"]} threads'
+            + (f'; instruction sets limited by {limits}' if limits else ''))
 
 
 def report() -> str:
