@@ -313,7 +313,10 @@ TGT_AVX2 AI void mk_avx2(const Block& b) {
   const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i zero = _mm256_setzero_si256();
   for (int r0 = 0; r0 < PW; r0 += R) {
-    alignas(32) u64 acc[R][PW] = {}, accp[R][PW] = {};
+    // 64-bit lane counts of columns 0-3 and 4-7 per row, kept in registers (a round trip through
+    // memory per row costs as much as the product itself when K is a few hundred)
+    __m256i acc[R][2], accp[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = accp[r][0] = accp[r][1] = zero;
     for (int64_t k0 = 0; k0 < b.Kw; k0 += 31) {  // a byte counter takes at most 31 x 8
       const int64_t k1 = std::min<int64_t>(b.Kw, k0 + 31);
       __m256i a8[R][2], p8[R][2];
@@ -351,17 +354,15 @@ TGT_AVX2 AI void mk_avx2(const Block& b) {
       }
       for (int r = 0; r < R; ++r) {
         for (int h = 0; h < 2; ++h) {
-          __m256i* dst = reinterpret_cast<__m256i*>(&acc[r][4 * h]);
-          _mm256_store_si256(dst, _mm256_add_epi64(_mm256_load_si256(dst), _mm256_sad_epu8(a8[r][h], zero)));
-          if (MODE == BOTH) {
-            __m256i* dp = reinterpret_cast<__m256i*>(&accp[r][4 * h]);
-            _mm256_store_si256(dp, _mm256_add_epi64(_mm256_load_si256(dp), _mm256_sad_epu8(p8[r][h], zero)));
-          }
+          acc[r][h] = _mm256_add_epi64(acc[r][h], _mm256_sad_epu8(a8[r][h], zero));
+          if (MODE == BOTH) accp[r][h] = _mm256_add_epi64(accp[r][h], _mm256_sad_epu8(p8[r][h], zero));
         }
       }
     }
-    // counts -> 8 int32 per row in registers, then the epilogue
-    const __m256i evens = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    // counts -> 8 int32 per row in registers, then the epilogue. Each 64-bit lane holds a small
+    // signed result, so its low half is the int32: interleave the low halves of columns 0-3 and
+    // 4-7 (c0 c4 c1 c5 ...), then one permutation puts them in order.
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     for (int r = 0; r < R && r0 + r < b.rows; ++r) {
       __m256i base0, base1;
       if (MODE == XOR) {
@@ -372,13 +373,12 @@ TGT_AVX2 AI void mk_avx2(const Block& b) {
         base0 = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.bcnt)));
         base1 = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b.bcnt + 4)));
       } else {
-        base0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(&accp[r][0]));
-        base1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(&accp[r][4]));
+        base0 = accp[r][0];
+        base1 = accp[r][1];
       }
-      const __m256i v0 = _mm256_sub_epi64(base0, _mm256_slli_epi64(_mm256_load_si256(reinterpret_cast<const __m256i*>(&acc[r][0])), 1));
-      const __m256i v1 = _mm256_sub_epi64(base1, _mm256_slli_epi64(_mm256_load_si256(reinterpret_cast<const __m256i*>(&acc[r][4])), 1));
-      const __m256i v = _mm256_permute2x128_si256(_mm256_permutevar8x32_epi32(v0, evens),
-                                                  _mm256_permutevar8x32_epi32(v1, evens), 0x20);
+      const __m256i v0 = _mm256_sub_epi64(base0, _mm256_slli_epi64(acc[r][0], 1));
+      const __m256i v1 = _mm256_sub_epi64(base1, _mm256_slli_epi64(acc[r][1], 1));
+      const __m256i v = _mm256_permutevar8x32_epi32(_mm256_blend_epi32(v0, _mm256_slli_epi64(v1, 32), 0xaa), order);
       store8_avx2<OutT>(v, b, r0 + r);
     }
   }
