@@ -33,9 +33,15 @@ struct Attention {
 inline int popcount64(u64 x) { return __builtin_popcountll(x); }
 
 // The lowest dot product a row's mask keeps, given its largest dot dmax and softmax denominator Z:
-// the key of dot dmax - t has probability e[t] / Z, which decreases with t (dmax + 1: none).
+// the key of dot dmax - t has probability e[t] / Z, which decreases with t (dmax + 1: none). The
+// mask is decided by e[t] / Z > threshold exactly; a scan with one division per step would be a
+// chain of divisions, so the scan compares e[t] with threshold * Z instead, and the exact test then
+// moves the cut the step or two by which the two roundings can disagree.
 AI int32_t lowest_kept(const Attention& a, int32_t dmax, double Z) {
+  const double limit = a.threshold * Z;
   int32_t cut = -1;
+  while (cut < 2 * a.K && a.e[cut + 1] > limit) ++cut;
+  while (cut >= 0 && !(a.e[cut] / Z > a.threshold)) --cut;
   while (cut < 2 * a.K && a.e[cut + 1] / Z > a.threshold) ++cut;
   return dmax - cut;
 }
@@ -96,6 +102,108 @@ void rows_portable(const Attention& a, int64_t i0, int64_t i1, int32_t* dots, u6
 template <bool QZ, bool KZ, bool VZ>
 TGT_POPCNT void rows_popcnt(const Attention& a, int64_t i0, int64_t i1, int32_t* dots, u64* mask) {
   for (int64_t i = i0; i < i1; ++i) attention_row<QZ, KZ, VZ>(a, i, dots, mask);
+}
+#endif
+
+#if defined(TBV_X86)
+// ---- AVX2: the same steps 8 keys (dots) or 8 channels (context) at a time, each a pair of 4 x 64-bit
+// counters from the nibble-table popcount; the softmax denominator in four partial sums (one chain of
+// dependent additions would take longer than the dots)
+template <bool QZ, bool KZ, bool VZ>
+TGT_AVX2 void rows_avx2(const Attention& a, int64_t i0, int64_t i1, int32_t* dots, u64* mask) {
+  const int64_t Pk = (a.Nk + PW - 1) / PW, Pd = (a.d + PW - 1) / PW;
+  const __m256i lut = popcnt_lut_avx2(), low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // the popcount of each 64-bit lane of x
+  auto count = [&](__m256i x) TGT_AVX2 { return _mm256_sad_epu8(popcnt8_avx2(x, lut, low), zero); };
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t qo = (i / PW) * a.Kw * PW + i % PW;
+    __m256i top = _mm256_set1_epi32(-a.K);
+    for (int64_t jp = 0; jp < Pk; ++jp) {
+      __m256i differ[2] = {zero, zero}, both[2] = {zero, zero};
+      const int64_t ko = jp * a.Kw * PW;
+      for (int64_t w = 0; w < a.Kw; ++w) {
+        const __m256i q = _mm256_set1_epi64x(static_cast<long long>(a.qn[qo + w * PW]));
+        const __m256i qz = QZ ? _mm256_set1_epi64x(static_cast<long long>(a.qz[qo + w * PW])) : zero;
+        for (int h = 0; h < 2; ++h) {
+          const int64_t o = ko + w * PW + 4 * h;
+          __m256i x = _mm256_xor_si256(q, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.kn + o)));
+          if (QZ && KZ) {
+            const __m256i nz = _mm256_and_si256(qz, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.kz + o)));
+            x = _mm256_and_si256(x, nz);
+            both[h] = _mm256_add_epi64(both[h], count(nz));
+          } else if (QZ) {
+            x = _mm256_and_si256(x, qz);
+          } else if (KZ) {
+            x = _mm256_and_si256(x, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.kz + o)));
+          }
+          differ[h] = _mm256_add_epi64(differ[h], count(x));
+        }
+      }
+      __m256i nonzero[2];
+      for (int h = 0; h < 2; ++h) {
+        if (QZ && KZ) nonzero[h] = both[h];
+        else if (QZ) nonzero[h] = _mm256_set1_epi64x(a.qcnt[i]);
+        else if (KZ) nonzero[h] = _mm256_cvtepi32_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.kcnt + jp * PW + 4 * h)));
+        else nonzero[h] = _mm256_set1_epi64x(a.K);
+      }
+      const __m256i dot = counts_to_epi32_avx2(_mm256_sub_epi64(nonzero[0], _mm256_slli_epi64(differ[0], 1)),
+                                               _mm256_sub_epi64(nonzero[1], _mm256_slli_epi64(differ[1], 1)));
+      const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(std::min<int64_t>(PW, a.Nk - jp * PW))), lane);
+      top = _mm256_max_epi32(top, _mm256_blendv_epi8(top, dot, valid));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots + jp * PW), dot);
+    }
+    __m128i top4 = _mm_max_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1));
+    top4 = _mm_max_epi32(top4, _mm_shuffle_epi32(top4, 0x4e));
+    top4 = _mm_max_epi32(top4, _mm_shuffle_epi32(top4, 0xb1));
+    const int32_t dmax = _mm_cvtsi128_si32(top4);
+    double z[4] = {0, 0, 0, 0};
+    int64_t j = 0;
+    for (; j + 4 <= a.Nk; j += 4)
+      for (int l = 0; l < 4; ++l) z[l] += a.e[dmax - dots[j + l]];
+    for (; j < a.Nk; ++j) z[0] += a.e[dmax - dots[j]];
+    const double Z = (z[0] + z[1]) + (z[2] + z[3]);
+    const __m256i above = _mm256_set1_epi32(lowest_kept(a, dmax, Z) - 1);  // the mask is dot > above
+    int32_t selected = 0;
+    for (int64_t w = 0; w < a.Kwv; ++w) {
+      u64 word = 0;
+      for (int g = 0; g < 8; ++g) {
+        const int64_t j0 = 64 * w + 8 * g;
+        if (j0 >= a.Nk) break;
+        const __m256i kept = _mm256_cmpgt_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots + j0)), above);
+        u64 bits = static_cast<u64>(_mm256_movemask_ps(_mm256_castsi256_ps(kept)));
+        if (a.Nk - j0 < 8) bits &= (u64(1) << (a.Nk - j0)) - 1;  // the buffer holds older dots there
+        word |= bits << (8 * g);
+      }
+      mask[w] = word;
+      selected += popcount64(word);
+    }
+    int32_t* out = a.out + i * a.ldo;
+    for (int64_t pc = 0; pc < Pd; ++pc) {
+      __m256i negative[2] = {zero, zero}, nonzero[2] = {zero, zero};
+      const int64_t vo = pc * a.Kwv * PW;
+      for (int64_t w = 0; w < a.Kwv; ++w) {
+        const __m256i m = _mm256_set1_epi64x(static_cast<long long>(mask[w]));
+        for (int h = 0; h < 2; ++h) {
+          const int64_t o = vo + w * PW + 4 * h;
+          negative[h] = _mm256_add_epi64(negative[h], count(_mm256_and_si256(m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.vn + o)))));
+          if (VZ)
+            nonzero[h] = _mm256_add_epi64(nonzero[h], count(_mm256_and_si256(m, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.vz + o)))));
+        }
+      }
+      if (!VZ) nonzero[0] = nonzero[1] = _mm256_set1_epi64x(selected);
+      const __m256i result = counts_to_epi32_avx2(_mm256_sub_epi64(nonzero[0], _mm256_slli_epi64(negative[0], 1)),
+                                                  _mm256_sub_epi64(nonzero[1], _mm256_slli_epi64(negative[1], 1)));
+      const int64_t n = std::min<int64_t>(PW, a.d - pc * PW);
+      if (n == PW) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + pc * PW), result);
+      } else {
+        alignas(32) int32_t tmp[PW];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), result);
+        std::copy(tmp, tmp + n, out + pc * PW);
+      }
+    }
+  }
 }
 #endif
 
@@ -183,6 +291,7 @@ template <bool QZ, bool KZ, bool VZ>
 RowsFn rows_fn(int isa) {
 #if defined(TBV_X86)
   if (isa == ISA_AVX512) return rows_avx512<QZ, KZ, VZ>;
+  if (isa == ISA_AVX2) return rows_avx2<QZ, KZ, VZ>;
   if (has_popcnt()) return rows_popcnt<QZ, KZ, VZ>;
 #endif
   (void)isa;

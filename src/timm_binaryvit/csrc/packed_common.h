@@ -63,6 +63,26 @@ inline void check_planes(const torch::Tensor& t, const char* what) {
               what, " must be a contiguous int64 tensor of shape (batch, panels, words, 8)");
 }
 
+#if defined(TBV_X86)
+// AVX2 has no vector popcount: each byte's count from two 4-bit table lookups (vpshufb).
+TGT_AVX2 AI __m256i popcnt8_avx2(__m256i x, __m256i lut, __m256i low) {
+  const __m256i lo = _mm256_and_si256(x, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+TGT_AVX2 AI __m256i popcnt_lut_avx2() {
+  return _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+}
+
+// Two vectors of four small signed 64-bit counts (columns 0-3, 4-7) as eight int32 in column order:
+// each count's low half is its int32, so interleave the low halves (c0 c4 c1 c5 ...) and permute.
+TGT_AVX2 AI __m256i counts_to_epi32_avx2(__m256i v0, __m256i v1) {
+  return _mm256_permutevar8x32_epi32(_mm256_blend_epi32(v0, _mm256_slli_epi64(v1, 32), 0xaa),
+                                     _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7));
+}
+#endif
+
 
 }  // namespace tbv
 

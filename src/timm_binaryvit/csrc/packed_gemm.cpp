@@ -252,11 +252,6 @@ TGT_POPCNT void block_portable_popcnt(const Block& b) {
 }
 
 // ---- AVX2: nibble-LUT popcount (vpshufb) into byte counters, vpsadbw every <= 31 words
-TGT_AVX2 AI __m256i popcnt8_avx2(__m256i x, __m256i lut, __m256i low) {
-  const __m256i lo = _mm256_and_si256(x, low);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
-  return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
-}
 
 // 8 int32 results of row r -> the output (int32, or * scale + bias); partial blocks one by one.
 template <typename OutT>
@@ -308,8 +303,7 @@ template <int MODE, typename OutT>
 TGT_AVX2 AI void mk_avx2(const Block& b) {
   // Rows per pass: 4 x 2 byte accumulators (8 columns), half that when two counts are kept.
   constexpr int R = MODE == BOTH ? 2 : 4;
-  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i lut = popcnt_lut_avx2();
   const __m256i low = _mm256_set1_epi8(0x0f);
   const __m256i zero = _mm256_setzero_si256();
   for (int r0 = 0; r0 < PW; r0 += R) {
@@ -359,10 +353,7 @@ TGT_AVX2 AI void mk_avx2(const Block& b) {
         }
       }
     }
-    // counts -> 8 int32 per row in registers, then the epilogue. Each 64-bit lane holds a small
-    // signed result, so its low half is the int32: interleave the low halves of columns 0-3 and
-    // 4-7 (c0 c4 c1 c5 ...), then one permutation puts them in order.
-    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    // counts -> 8 int32 per row in registers, then the epilogue
     for (int r = 0; r < R && r0 + r < b.rows; ++r) {
       __m256i base0, base1;
       if (MODE == XOR) {
@@ -378,8 +369,7 @@ TGT_AVX2 AI void mk_avx2(const Block& b) {
       }
       const __m256i v0 = _mm256_sub_epi64(base0, _mm256_slli_epi64(acc[r][0], 1));
       const __m256i v1 = _mm256_sub_epi64(base1, _mm256_slli_epi64(acc[r][1], 1));
-      const __m256i v = _mm256_permutevar8x32_epi32(_mm256_blend_epi32(v0, _mm256_slli_epi64(v1, 32), 0xaa), order);
-      store8_avx2<OutT>(v, b, r0 + r);
+      store8_avx2<OutT>(counts_to_epi32_avx2(v0, v1), b, r0 + r);
     }
   }
 }
