@@ -522,7 +522,6 @@ def binary_ffn(w: torch.Tensor, mlp: 'BinaryMlp', affine: Optional[Affine] = Non
         affine.alpha if affine is not None else None, affine.beta if affine is not None else None, residual, mlp)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The fused FFN as a custom operator, for torch.compile
 #
@@ -531,7 +530,11 @@ def binary_ffn(w: torch.Tensor, mlp: 'BinaryMlp', affine: Optional[Affine] = Non
 # E * C-wide hidden activation for the backward pass. As the operators timm_binaryvit::binary_ffn and
 # binary_ffn_backward the compiled graph runs the very same forward and backward passes. Operators
 # with an autograd formula must not mutate their inputs, so the forward operator returns the updated
-# BatchNorm running statistics and binary_ffn_operator copies them back.
+# BatchNorm running statistics and binary_ffn_operator copies them back. The operators cover the FFN
+# alone (BinaryMlp.forward); the affine and the residual after it stay in the compiled graph.
+
+_FFN_OP_INPUTS = 15  # the tensors of _ffn_forward's inputs up to act2_out (alpha, beta, residual: None)
+
 
 def _fresh(tensors, inputs):
     # Operator outputs must neither alias an input nor each other: copy any tensor whose memory is taken.
@@ -556,17 +559,16 @@ def _binary_ffn_op(
         bn1_bias: Optional[torch.Tensor], act1_in: torch.Tensor, act1_slope: torch.Tensor, act1_out: torch.Tensor,
         shift2: torch.Tensor, weight2: torch.Tensor, bn2_weight: Optional[torch.Tensor],
         bn2_bias: Optional[torch.Tensor], act2_in: torch.Tensor, act2_slope: torch.Tensor, act2_out: torch.Tensor,
-        alpha: Optional[torch.Tensor], beta: Optional[torch.Tensor], residual: Optional[torch.Tensor],
         running_mean1: Optional[torch.Tensor], running_var1: Optional[torch.Tensor],
         batches_tracked1: Optional[torch.Tensor], running_mean2: Optional[torch.Tensor],
         running_var2: Optional[torch.Tensor], batches_tracked2: Optional[torch.Tensor],
         modes: List[bool], momentum1: Optional[float], momentum2: Optional[float], eps: List[float],
         sizes: List[int]) -> List[torch.Tensor]:
     # modes: (training, track_running_stats) of both BatchNorms; sizes: expansion, unchunked and chunk
-    # elements. Returns out, the _FFN_COMPUTED tensors, the plan (int8 kernel, whole, rows per chunk)
-    # and the six running statistics after the step (empty where absent).
+    # elements. Returns out, the _FFN_COMPUTED tensors, the plan (int8 kernel, whole, rows per chunk,
+    # batch statistics in BN1, in BN2) and the six running statistics after the step (empty where absent).
     inputs = (w, shift1, weight1, bn1_weight, bn1_bias, act1_in, act1_slope, act1_out,
-              shift2, weight2, bn2_weight, bn2_bias, act2_in, act2_slope, act2_out, alpha, beta, residual)
+              shift2, weight2, bn2_weight, bn2_bias, act2_in, act2_slope, act2_out, None, None, None)
     stats = [_stat_copy(t, w) for t in (running_mean1, running_var1, batches_tracked1,
                                          running_mean2, running_var2, batches_tracked2)]
     norms = [_NormState(modes[2 * i], modes[2 * i + 1], *[t if t.numel() else None for t in stats[3 * i:3 * i + 3]],
@@ -577,15 +579,15 @@ def _binary_ffn_op(
     placeholders = (None, None, None, w.new_empty(H), w.new_empty(H), w.new_empty(H, C), w.new_empty(C),
                     w.new_empty(C), w.new_empty(C))
     computed = [t if t is not None else placeholders[i] for i, t in enumerate(computed)]
-    _, int8, _, _, _, _, whole, rows = config
-    plan = torch.tensor([int(int8), int(whole), rows], dtype=torch.int64)
+    _, int8, batch1, batch2, _, _, whole, rows = config
+    plan = torch.tensor([int(int8), int(whole), rows, int(batch1), int(batch2)], dtype=torch.int64)
     return _fresh([out] + computed + [plan] + stats, inputs)
 
 
 @_binary_ffn_op.register_fake
 def _(w, shift1, weight1, bn1_weight, bn1_bias, act1_in, act1_slope, act1_out, shift2, weight2, bn2_weight, bn2_bias,
-      act2_in, act2_slope, act2_out, alpha, beta, residual, running_mean1, running_var1, batches_tracked1,
-      running_mean2, running_var2, batches_tracked2, modes, momentum1, momentum2, eps, sizes):
+      act2_in, act2_slope, act2_out, running_mean1, running_var1, batches_tracked1, running_mean2, running_var2,
+      batches_tracked2, modes, momentum1, momentum2, eps, sizes):
     C = w.shape[-1]
     M = w.numel() // C
     H = sizes[0] * C
@@ -593,7 +595,7 @@ def _(w, shift1, weight1, bn1_weight, bn1_bias, act1_in, act1_slope, act1_out, s
         running_mean1, running_var1, batches_tracked1, running_mean2, running_var2, batches_tracked2)]
     return [torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty(M, C, dtype=torch.int8),
             w.new_empty(M, C), w.new_empty(M, C), w.new_empty(H), w.new_empty(H), w.new_empty(H, C), w.new_empty(C),
-            w.new_empty(C), w.new_empty(C), w.new_empty(3, dtype=torch.int64, device='cpu')] + stats
+            w.new_empty(C), w.new_empty(C), w.new_empty(5, dtype=torch.int64, device='cpu')] + stats
 
 
 @torch.library.custom_op('timm_binaryvit::binary_ffn_backward', mutates_args=())
@@ -602,54 +604,50 @@ def _binary_ffn_backward_op(
         bn1_weight: Optional[torch.Tensor], bn1_bias: Optional[torch.Tensor], act1_in: torch.Tensor,
         act1_slope: torch.Tensor, act1_out: torch.Tensor, shift2: torch.Tensor, weight2: torch.Tensor,
         bn2_weight: Optional[torch.Tensor], bn2_bias: Optional[torch.Tensor], act2_in: torch.Tensor,
-        act2_slope: torch.Tensor, act2_out: torch.Tensor, alpha: Optional[torch.Tensor],
+        act2_slope: torch.Tensor, act2_out: torch.Tensor,
         s1_int8: torch.Tensor, y2: torch.Tensor, v2: torch.Tensor, mean1: torch.Tensor, invstd1: torch.Tensor,
         signs_gram: torch.Tensor, colsum: torch.Tensor, mean2: torch.Tensor, invstd2: torch.Tensor,
-        plan: torch.Tensor, flags: List[bool], eps1: float, expansion: int, need: List[bool]) -> List[torch.Tensor]:
-    # flags: batch statistics in BN1, in BN2, a residual. Returns the gradients of the forward operator's
-    # first 18 inputs, empty where need says no.
-    int8, whole, rows = plan.tolist()
+        plan: torch.Tensor, eps1: float, need: List[bool]) -> List[torch.Tensor]:
+    # Returns the gradients of the forward operator's first 15 inputs, empty where need says no.
+    int8, whole, rows, batch1, batch2 = plan.tolist()
     inputs = (w, shift1, weight1, bn1_weight, bn1_bias, act1_in, act1_slope, act1_out,
-              shift2, weight2, bn2_weight, bn2_bias, act2_in, act2_slope, act2_out, alpha, None, None)
+              shift2, weight2, bn2_weight, bn2_bias, act2_in, act2_slope, act2_out, None, None, None)
     computed = (s1_int8, y2, v2, mean1, invstd1, signs_gram, colsum, mean2, invstd2)
-    config = (expansion, bool(int8), flags[0], flags[1], eps1, flags[2], bool(whole), rows)
-    grads = _ffn_backward(grad, inputs, computed, config, need)
-    shapes = _ffn_grad_shapes(w, alpha, act1_in.shape[0])
+    expansion = act1_in.shape[0] // w.shape[-1]
+    config = (expansion, bool(int8), bool(batch1), bool(batch2), eps1, False, bool(whole), rows)
+    grads = _ffn_backward(grad, inputs, computed, config, need + [False] * 3)
     grads = [(g if g is not None else w.new_zeros(shape)) if wanted else w.new_empty(0)
-             for g, shape, wanted in zip(grads, shapes, need)]
+             for g, shape, wanted in zip(grads, _ffn_op_input_shapes(w, act1_in.shape[0]), need)]
     return _fresh(grads, inputs + computed + (grad,))
 
 
-def _ffn_grad_shapes(w: torch.Tensor, alpha: Optional[torch.Tensor], hidden: int):
-    # The shapes of the forward operator's first 18 inputs (those of beta and the residual follow alpha and w).
+def _ffn_op_input_shapes(w: torch.Tensor, hidden: int):
+    # The shapes of the forward operator's first 15 inputs.
     C = w.shape[-1]
-    a = (C,) if alpha is None else alpha.shape
     return (w.shape, (C,), (hidden, C), (hidden,), (hidden,), (hidden,), (hidden,), (hidden,),
-            (hidden,), (C, hidden), (C,), (C,), (C,), (C,), (C,), a, a, w.shape)
+            (hidden,), (C, hidden), (C,), (C,), (C,), (C,), (C,))
 
 
 @_binary_ffn_backward_op.register_fake
 def _(grad, w, shift1, weight1, bn1_weight, bn1_bias, act1_in, act1_slope, act1_out, shift2, weight2, bn2_weight,
-      bn2_bias, act2_in, act2_slope, act2_out, alpha, s1_int8, y2, v2, mean1, invstd1, signs_gram, colsum, mean2,
-      invstd2, plan, flags, eps1, expansion, need):
-    shapes = _ffn_grad_shapes(w, alpha, act1_in.shape[0])
+      bn2_bias, act2_in, act2_slope, act2_out, s1_int8, y2, v2, mean1, invstd1, signs_gram, colsum, mean2,
+      invstd2, plan, eps1, need):
+    shapes = _ffn_op_input_shapes(w, act1_in.shape[0])
     return [w.new_empty(shape) if wanted else w.new_empty(0) for shape, wanted in zip(shapes, need)]
 
 
 def _binary_ffn_op_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:16], *output[1:11])
-    modes, eps = inputs[24], inputs[27]
-    ctx.flags = [modes[0] or inputs[18] is None and inputs[19] is None,
-                 modes[2] or inputs[21] is None and inputs[22] is None, inputs[17] is not None]
-    ctx.eps1, ctx.expansion = eps[0], inputs[28][0]
+    # output: out, the nine _FFN_COMPUTED tensors, the plan, the running statistics
+    ctx.save_for_backward(*inputs[:_FFN_OP_INPUTS], *output[1:11])
+    ctx.eps1 = inputs[-2][0]  # eps: [BN1's, BN2's]
     ctx.mark_non_differentiable(*output[1:])
 
 
 def _binary_ffn_op_backward(ctx, grads):
     # the operator returns one list of tensors, so its gradients come as one list: only out's is used
-    saved = ctx.saved_tensors
-    need = [bool(n) for n in ctx.needs_input_grad[:18]]
-    grads = _binary_ffn_backward_op(grads[0], *saved, ctx.flags, ctx.eps1, ctx.expansion, need)
+    need = [bool(n) for n in ctx.needs_input_grad[:_FFN_OP_INPUTS]]
+    grads = _binary_ffn_backward_op(grads[0], *ctx.saved_tensors, ctx.eps1, need)
+    # none for the running statistics and the five non-tensor arguments
     return tuple(g if n else None for g, n in zip(grads, need)) + (None,) * 11
 
 
@@ -657,14 +655,15 @@ _binary_ffn_op.register_autograd(_binary_ffn_op_backward, setup_context=_binary_
 
 
 def binary_ffn_operator(w: torch.Tensor, mlp: 'BinaryMlp') -> torch.Tensor:
-    """:func:`binary_ffn` as the custom operator ``timm_binaryvit::binary_ffn``, which ``torch.compile``
-    keeps whole: the same forward and backward passes, the running statistics updated the same way."""
+    """``mlp(w)`` (:func:`binary_ffn` without affine and residual) as the custom operator
+    ``timm_binaryvit::binary_ffn``, which ``torch.compile`` keeps whole: the same forward and backward
+    passes, the running statistics updated the same way."""
     l1, n1, a1 = mlp.fc1.linear, mlp.fc1.norm.bn, mlp.act1
     l2, n2, a2 = mlp.fc2.linear, mlp.fc2.norm.bn, mlp.act2
     frozen = _stats_are_frozen()
     outputs = _binary_ffn_op(
         w, l1.shift, l1.weight, n1.weight, n1.bias, a1.shift_in, a1.slope, a1.shift_out,
-        l2.shift, l2.weight, n2.weight, n2.bias, a2.shift_in, a2.slope, a2.shift_out, None, None, None,
+        l2.shift, l2.weight, n2.weight, n2.bias, a2.shift_in, a2.slope, a2.shift_out,
         n1.running_mean, n1.running_var, n1.num_batches_tracked, n2.running_mean, n2.running_var,
         n2.num_batches_tracked, [n1.training, n1.track_running_stats and not frozen,
                                  n2.training, n2.track_running_stats and not frozen],
